@@ -1,0 +1,196 @@
+"""``radassist bench``: the phantom benchmark. Speed, memory and accuracy are measured here, never in tests.
+
+Rows (each issue adds its own):
+- detector: nodule sensitivity (>= 5 mm), false positives per scan, mean |diameter error|, side+zone
+  accuracy, anatomy box IoU, runtime per scan — on phantom seeds the tests do not use;
+- comparer: change-status accuracy, target registration error at the nodules, diameter-change error;
+- routing: tool-choice accuracy on a labelled set of phrasings that are not the router's exemplars;
+- turn: end-to-end latency of a cold and a warm turn through the engine, peak memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Held-out phrasings (not router exemplars) with the tool set each needs.
+ROUTING_SET: list[tuple[str, set[str]]] = [
+    ("Are there pulmonary nodules?", {"detector"}),
+    ("Any nodule in the RUL?", {"detector"}),
+    ("Please look for masses in the left lung", {"detector"}),
+    ("Is there a lesion at the right base?", {"detector"}),
+    ("Can you spot any spots on the lungs?", {"detector"}),
+    ("What's the size of the largest nodule?", {"detector"}),
+    ("Where's the aorta?", {"detector"}),
+    ("Show me where the trachea is", {"detector"}),
+    ("Describe the right mid zone", {"detector"}),
+    ("What do you see at the left apex?", {"detector"}),
+    ("Compare this scan with the previous one", {"comparer"}),
+    ("Has anything changed since the last CT?", {"comparer"}),
+    ("Did the nodule in the left lower lobe grow?", {"comparer"}),
+    ("Are there new nodules compared to before?", {"comparer"}),
+    ("Which lesions have gone away?", {"comparer"}),
+    ("Draft the report please", {"report_writer"}),
+    ("Can you write up the findings in a structured report?", {"report_writer"}),
+    ("What's the likely survival for this patient?", {"prognosis"}),
+    ("Estimate the prognosis, 70 year old, Karnofsky 80", {"prognosis"}),
+    ("How confident are you in that?", {"verifier"}),
+    ("Is that measurement reliable?", {"verifier"}),
+    ("Find the nodules, compare with the prior and write the report", {"detector", "comparer", "report_writer"}),
+    ("Localize the lesions and compare with the last study", {"detector", "comparer"}),
+    ("Compare with the old scan and then draft a report", {"comparer", "report_writer"}),
+    ("What's the weather in Paris?", set()),
+    ("Recommend a chemotherapy regimen", set()),
+    ("Write a limerick", set()),
+    ("Hi there", set()),
+]
+
+
+def routing_accuracy() -> dict[str, Any]:
+    from agents.router import route
+
+    t0 = time.perf_counter()
+    route("warm up")
+    warm = time.perf_counter() - t0
+    ok = 0
+    wrong: list[str] = []
+    t1 = time.perf_counter()
+    for q, tools in ROUTING_SET:
+        got = {c.tool for c in route(q).calls}
+        if got == tools:
+            ok += 1
+        else:
+            wrong.append(f"{q!r}: got {sorted(got)}, want {sorted(tools)}")
+    per_q = (time.perf_counter() - t1) / len(ROUTING_SET)
+    return {"accuracy": ok / len(ROUTING_SET), "n": len(ROUTING_SET), "wrong": wrong,
+            "load_s": warm, "per_question_ms": per_q * 1000}
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def turn_latency(seed: int, size: str, workdir: Path) -> dict[str, Any]:
+    from agents.engine import Consultant
+    from tools.cache import CACHE
+    from tools.phantom import write_patient
+
+    pdir = workdir / f"turn{seed}"
+    write_patient(pdir, seed=seed, size=size)
+    CACHE.clear()
+    c = Consultant(home_dir=workdir / "home")
+    t0 = time.perf_counter()
+    a1 = c.ask("Show me all pulmonary nodules", study=pdir / "current", prior=pdir / "prior")
+    cold = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    c.ask("how big is it?", thread_id=a1.thread_id)
+    warm = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    c.ask("compare with the prior", thread_id=a1.thread_id)
+    compare = time.perf_counter() - t2
+    return {"cold_s": cold, "warm_followup_s": warm, "compare_s": compare, "peak_rss_mb": _peak_mb()}
+
+
+def comparer_accuracy(seeds: list[int], size: str, workdir: Path) -> dict[str, Any]:
+    from tools.cache import CACHE
+    from tools.comparer import CompareRequest, compare_studies, register
+    from tools.dicom_io import load_study
+    from tools.phantom import write_patient
+
+    correct = total = 0
+    tre: list[float] = []
+    dchange: list[float] = []
+    times: list[float] = []
+    for seed in seeds:
+        pdir = workdir / f"cmp{seed}"
+        truth = write_patient(pdir, seed=seed, size=size)
+        cur, pri = load_study(pdir / "current"), load_study(pdir / "prior")
+        CACHE.clear()
+        t0 = time.perf_counter()
+        res = compare_studies(cur, pri, CompareRequest())
+        times.append(time.perf_counter() - t0)
+        reg = register(cur.primary, pri.primary)
+        for n in truth["nodules"]:
+            if n["current"] and n["prior"]:
+                mapped = np.array(reg.prior_to_current(n["prior"]["center_mm"]))
+                tre.append(float(np.linalg.norm(mapped - np.array(n["current"]["center_mm"]))))
+            size_ref = max((n["current"] or n["prior"])["diameter_mm"], 0)
+            if size_ref < 5:
+                continue
+            total += 1
+            want = n["fate"]
+            got = None
+            for f in res.findings:
+                if want == "resolved":
+                    if f.change and f.change.status == "resolved" and f.change.prior_center_mm and np.linalg.norm(
+                            np.array(f.change.prior_center_mm) - np.array(n["prior"]["center_mm"])) <= max(
+                            3.0, n["prior"]["diameter_mm"] / 2):
+                        got = "resolved"
+                elif f.center_mm and np.linalg.norm(np.array(f.center_mm) - np.array(n["current"]["center_mm"])) <= max(
+                        3.0, n["current"]["diameter_mm"] / 2):
+                    got = f.change.status if f.change else None
+                    if f.change and f.change.prior_diameter_mm and n["prior"]:
+                        dchange.append(abs(((f.diameter_mm or 0) - f.change.prior_diameter_mm)
+                                           - (n["current"]["diameter_mm"] - n["prior"]["diameter_mm"])))
+            correct += int(got == want)
+    return {"change_accuracy": correct / total if total else float("nan"), "n": total,
+            "tre_mean_mm": float(np.mean(tre)) if tre else float("nan"),
+            "tre_max_mm": float(np.max(tre)) if tre else float("nan"),
+            "diameter_change_err_mm": float(np.mean(dchange)) if dchange else float("nan"),
+            "runtime_s": float(np.mean(times)) if times else float("nan")}
+
+
+def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-out",
+              only: list[str] | None = None) -> str:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[str, str, str]] = []
+    results: dict[str, Any] = {}
+    want = set(only or ["detector", "comparer", "routing", "turn"])
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if "routing" in want:
+            r = routing_accuracy()
+            results["routing"] = r
+            rows += [("routing", "tool-choice accuracy (held-out phrasings)", f"{r['accuracy']:.3f} (n={r['n']})"),
+                     ("routing", "latency per question", f"{r['per_question_ms']:.0f} ms")]
+        if "detector" in want:
+            from tools.evaluate import evaluate_detector
+
+            d = evaluate_detector(seeds, size=size)
+            results["detector"] = d
+            rows += [("detector", "sensitivity, nodules >= 5 mm", f"{d['sensitivity']:.3f}"),
+                     ("detector", "false positives per scan", f"{d['fp_per_scan']:.2f}"),
+                     ("detector", "mean |diameter error|", f"{d['diameter_mae_mm']:.2f} mm"),
+                     ("detector", "side+zone correct", f"{d['region_accuracy']:.3f}"),
+                     ("detector", "anatomy box IoU (mean)", f"{d['anatomy_iou']:.3f}"),
+                     ("detector", "runtime per scan", f"{d['runtime_s']:.1f} s")]
+        if "comparer" in want:
+            c = comparer_accuracy(seeds, size, work)
+            results["comparer"] = c
+            rows += [("comparer", "change status correct (>= 5 mm)", f"{c['change_accuracy']:.3f} (n={c['n']})"),
+                     ("comparer", "target registration error at nodules", f"{c['tre_mean_mm']:.2f} mm mean, "
+                                                                          f"{c['tre_max_mm']:.2f} max"),
+                     ("comparer", "diameter-change error", f"{c['diameter_change_err_mm']:.2f} mm"),
+                     ("comparer", "runtime per pair", f"{c['runtime_s']:.1f} s")]
+        if "turn" in want:
+            t = turn_latency(seeds[0], size, work)
+            results["turn"] = t
+            rows += [("turn", "cold turn (load + detect + verify)", f"{t['cold_s']:.1f} s"),
+                     ("turn", "warm follow-up", f"{t['warm_followup_s']:.2f} s"),
+                     ("turn", "compare turn", f"{t['compare_s']:.1f} s"),
+                     ("turn", "peak RSS", f"{t['peak_rss_mb']:.0f} MB")]
+    (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
+    w = max(len(r[1]) for r in rows) if rows else 10
+    lines = [f"radassist bench — seeds {seeds}, size {size}", f"{'area':10} {'metric':{w}} value",
+             "-" * (w + 30)]
+    lines += [f"{a:10} {m:{w}} {v}" for a, m, v in rows]
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""Answer composition: one clinician-facing answer from the turn's tool outputs, with its evidence.
+
+Every answer says what was measured, shows where (findings with boxes, evidence images), and how
+sure it is (the reliability index). Decision support, not diagnosis.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tools.schemas import Answer, Change, Evidence, Finding, Reliability, Report, Step, level_for
+
+DISCLAIMER = "Decision support only: confirm on the images before acting."
+
+
+def merge_findings(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Findings of all tools, one per id; the comparer's (with change) win over the detector's."""
+    order = {"detector": 0, "report_writer": 1, "comparer": 2, "verifier": -1}
+    merged: dict[str, dict[str, Any]] = {}
+    for r in sorted(results, key=lambda r: order.get(r["tool"], 0)):
+        for f in r.get("findings", []):
+            prev = merged.get(f["id"])
+            if prev is None or order.get(r["tool"], 0) >= 1:
+                merged[f["id"]] = {**(prev or {}), **{k: v for k, v in f.items() if v is not None}}
+    return list(merged.values())
+
+
+def compose(question: str, plan: dict[str, Any], results: list[dict[str, Any]], verification: dict[str, Any] | None,
+            backend: dict[str, str], thread_id: str, study: dict[str, Any] | None,
+            prior: dict[str, Any] | None) -> Answer:
+    steps = [Step(tool=r["tool"], title=r["title"], status=r["status"], detail=r.get("summary", "")[:2000],
+                  duration_s=r.get("duration_s", 0.0)) for r in results]
+    if plan.get("reply") and not results:
+        rel = Reliability(score=1.0, level="high", method="no measurement in this answer",
+                          details={"note": "The answer describes what the assistant can do; nothing was measured."})
+        return Answer(answer=plan["reply"], tools=[], findings=[], evidence=[], reliability=rel, backend=backend,
+                      thread_id=thread_id, steps=steps, study_uid=(study or {}).get("study_uid"))
+
+    findings_raw = merge_findings(results)
+    per_finding = (verification or {}).get("per_finding", {})
+    findings: list[Finding] = []
+    for f in findings_raw:
+        f = dict(f)
+        if f.get("id") in per_finding and f.get("kind") != "anatomy":
+            f["reliability"] = per_finding[f["id"]]
+        if isinstance(f.get("change"), dict):
+            f["change"] = Change(**f["change"])
+        findings.append(Finding(**f))
+    evidence = [Evidence(**e) for r in results for e in r.get("evidence", [])]
+
+    parts: list[str] = []
+    for r in results:
+        if r["tool"] == "verifier" and r.get("recall"):
+            parts.append(r["summary"])
+            continue
+        if r.get("summary"):
+            parts.append(r["summary"] if r["status"] == "done" else f"{r['title']}: {r['summary']}")
+    notes = [n for r in results for n in r.get("notes", [])]
+    measured = sorted({m for r in results for m in r.get("measured", [])})
+
+    if verification:
+        rel = Reliability(score=verification["score"], level=level_for(verification["score"]),
+                          method=verification["method"], details=verification.get("details", {}))
+    else:
+        rel = Reliability(score=0.5, level="medium", method="not verified", details={})
+    text = "\n\n".join(p for p in parts if p)
+    if notes:
+        text += "\n\nNotes: " + " ".join(dict.fromkeys(notes))
+    if measured:
+        text += "\n\nMeasured: " + "; ".join(measured) + "."
+    text += f"\n\nReliability: {rel.level} ({rel.score:.2f})"
+    if verification and verification.get("caveat"):
+        text += f" — {verification['caveat']}"
+    text += f". {DISCLAIMER}"
+
+    report = next((Report(**r["report"]) for r in results if r.get("report")), None)
+    prognosis = next((r["prognosis"] for r in results if r.get("prognosis")), None)
+    comparison = next((r["comparison"] for r in results if r.get("comparison")), None)
+    tools = [r["tool"] for r in results if r["status"] != "skipped" or r["tool"] != "verifier"]
+    if verification and "verifier" not in tools:
+        tools.append("verifier")
+    return Answer(answer=text, tools=list(dict.fromkeys(tools)), findings=findings, evidence=evidence,
+                  reliability=rel, report=report, prognosis=prognosis, backend=backend, thread_id=thread_id,
+                  steps=steps, study_uid=(study or {}).get("study_uid"),
+                  prior_study_uid=(prior or {}).get("study_uid"), comparison=comparison, notes=notes)

@@ -1,0 +1,298 @@
+"""Understanding a turn on the embedded default: a semantic router plus the region lexicon.
+
+The question is split into clauses ("localise the lesions, compare with the last scan and write it
+up" -> three clauses); each clause is embedded with the packaged MiniLM and compared with exemplar
+utterances of each intent (nearest-exemplar similarity), with a few unambiguous cue words as a
+second opinion. Regions come from :mod:`tools.vocab` (synonyms, abbreviations, lobes -> zones).
+Follow-ups with no intent of their own ("and the left one?", "how big is it?") inherit the last
+turn's intent and regions from the conversation context.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from tools import vocab
+
+log = logging.getLogger(__name__)
+
+# intent -> exemplar utterances (written for this project)
+EXEMPLARS: dict[str, list[str]] = {
+    "detect": [
+        "is there a nodule in the right upper lobe", "show me all pulmonary nodules", "find the lesions",
+        "any masses at the left base", "are there any nodules", "localise the lesions", "locate the nodules",
+        "detect lung nodules", "any suspicious lesions in the lungs", "where is the nodule",
+        "is there a mass", "do you see any opacity", "list the nodules with their sizes",
+        "how big is it", "what size is the nodule", "measure the lesion", "how large is the mass",
+        "anything abnormal in the lungs", "check the lungs for nodules", "point out the tumour",
+        "any findings in the right lung", "what about the left lung", "is the lung clear",
+    ],
+    "locate": [
+        "where is the heart", "show me the trachea", "locate the aorta", "where is the spine",
+        "highlight the left lung", "outline the mediastinum", "box the right lower zone", "where are the ribs",
+        "show the anatomy", "segment the lungs", "where is the carina", "find the main bronchi",
+    ],
+    "describe": [
+        "describe the left lower zone", "what is in this region", "what is this", "what lies in this box",
+        "tell me about the right upper zone", "what do you see in the left apex", "describe this area",
+        "what is at the right base", "characterise this region", "what structures are here",
+    ],
+    "compare": [
+        "compare with the prior", "compare with the last scan", "has the nodule grown", "anything new",
+        "what resolved", "how much has the biggest one changed", "is it stable", "any change since last time",
+        "compare to the previous study", "did it get bigger", "has anything disappeared", "interval change",
+        "what changed since the prior exam", "is the lesion growing", "has it shrunk", "progression",
+        "doubling time", "compare current and prior", "follow-up comparison",
+    ],
+    "report": [
+        "write the report", "write it up", "draft a radiology report", "generate a structured report",
+        "summarize in a report", "give me the impression", "report the findings", "dictate a report",
+        "export the report as DICOM SR", "make a report with comparison and impression",
+    ],
+    "prognosis": [
+        "what is the prognosis", "what is the expected survival", "how long will the patient live",
+        "estimate survival", "risk of recurrence", "median survival", "survival probability at one year",
+        "what are the chances", "life expectancy", "prognostic estimate for this lung cancer",
+        "glioma survival", "what is the outlook",
+    ],
+    "reliability": [
+        "how sure are you", "double-check that", "how reliable is that measurement", "are you certain",
+        "how confident are you", "verify that", "can I trust this", "what is the uncertainty",
+        "check again", "how accurate is that",
+    ],
+    "help": [
+        "hello", "hi", "what can you do", "help", "how do I use this", "who are you", "thanks",
+        "good morning", "what are your capabilities",
+    ],
+    "out_of_scope": [
+        "what is the weather tomorrow", "write me a poem", "what dose of amoxicillin should I prescribe",
+        "book an appointment", "tell me a joke", "what is the capital of France", "how do I cook pasta",
+        "translate this into German", "write python code", "what is the stock price", "play music",
+        "who won the football match", "prescribe a treatment", "what medication should the patient take",
+        "order a pizza", "send an email to the patient",
+    ],
+}
+
+CUES: dict[str, tuple[str, ...]] = {
+    "compare": ("compare", "comparison", "prior", "previous", "last scan", "last study", "earlier", "grown", "grew",
+                "growing", "shrunk", "shrank", "resolved", "disappeared", "interval", "changed", "since",
+                "progress", "doubling", "new nodule", "anything new", "stable", " grow", "gone", "went away",
+                "bigger", "smaller"),
+    "report": ("report", "write it up", "write up", "impression", "dictate", "structured report", "sr "),
+    "prognosis": ("prognosis", "survival", "survive", "life expectancy", "recurrence", "outlook", "how long will"),
+    "reliability": ("how sure", "confident", "confidence", "reliable", "reliability", "double-check", "double check",
+                    "certain", "uncertainty", "trust"),
+    "detect": ("nodule", "nodules", "mass", "masses", "lesion", "lesions", "opacity", "opacities", "tumour",
+               "tumor", "how big", "size", "measure"),
+    "describe": ("describe", "what is this", "what is in", "what lies", "what do you see", "characteri"),
+    "locate": ("where is the", "where are the", "show me the", "highlight", "outline", "segment"),
+}
+
+TOOL_OF = {
+    "detect": "detector", "locate": "detector", "describe": "detector", "compare": "comparer",
+    "report": "report_writer", "prognosis": "prognosis", "reliability": "verifier",
+}
+
+ACCEPT = 0.55  # nearest-exemplar cosine that accepts an intent on its own
+OOS_MARGIN = 0.03
+
+CAPABILITIES = (
+    "I can find, box and measure lung nodules and anatomy on chest CT and radiographs (\"is there a nodule in the "
+    "right upper lobe?\", \"where is the heart?\", \"describe the left base\"), compare with the prior study "
+    "(\"has it grown?\"), write a structured report, estimate survival with a validated model, and tell you how "
+    "reliable each answer is. I support decisions; I do not diagnose or prescribe."
+)
+
+
+@dataclass
+class ToolCall:
+    tool: str
+    args: dict[str, Any]
+
+
+@dataclass
+class Plan:
+    calls: list[ToolCall]
+    intents: list[str]
+    regions: list[str]
+    approximate: list[str] = field(default_factory=list)  # lobe words mapped to zones
+    lesion_kind: str | None = None
+    reply: str | None = None  # set for help / out-of-scope: answer without tools
+    followup: bool = False
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calls": [{"tool": c.tool, "args": c.args} for c in self.calls],
+            "intents": self.intents, "regions": self.regions, "approximate": self.approximate,
+            "lesion_kind": self.lesion_kind, "reply": self.reply, "followup": self.followup,
+            "scores": {k: round(v, 3) for k, v in self.scores.items()},
+        }
+
+
+class _Index:
+    def __init__(self) -> None:
+        from models.registry import embedder
+
+        self.emb = embedder()
+        self.labels: list[str] = []
+        texts: list[str] = []
+        for intent, ex in EXEMPLARS.items():
+            texts += ex
+            self.labels += [intent] * len(ex)
+        self.vecs = self.emb.encode(texts)
+        self.label_arr = np.array(self.labels)
+
+    def scores(self, clauses: list[str]) -> list[dict[str, float]]:
+        if not clauses:
+            return []
+        q = self.emb.encode(clauses)
+        sims = q @ self.vecs.T
+        out = []
+        for row in sims:
+            out.append({intent: float(row[self.label_arr == intent].max()) for intent in EXEMPLARS})
+        return out
+
+
+@lru_cache(maxsize=1)
+def _index() -> _Index:
+    return _Index()
+
+
+_SPLIT = re.compile(r"\s*(?:[,;.!?]|\bthen\b|\band then\b|\balso\b|\band\b(?=\s+(?:compare|write|show|find|"
+                    r"localis|localiz|locate|give|estimate|tell|describe|check|report|what|how|is|are|has|any|draft|"
+                    r"make|list|measure)))\s*", re.IGNORECASE)
+
+
+def split_clauses(text: str) -> list[str]:
+    parts = [p.strip() for p in _SPLIT.split(text) if p and p.strip()]
+    return [p for p in parts if len(p) > 1] or [text.strip()]
+
+
+def _cue_hits(clause: str) -> set[str]:
+    t = f" {clause.lower()} "
+    return {intent for intent, cues in CUES.items() if any(c in t for c in cues)}
+
+
+def route(question: str, context: dict[str, Any] | None = None) -> Plan:
+    """Turn one clinician message into the tool calls it needs."""
+    context = context or {}
+    q = question.strip()
+    mentions = vocab.resolve_regions(q)
+    regions = [m.region for m in mentions if m.region not in ("body",)]
+    approximate = [m.lobe for m in mentions if m.approximate and m.lobe]
+    lesion = vocab.lesion_kind(q)
+    clauses = split_clauses(q)
+    clause_scores = _index().scores(clauses)
+    intents: list[str] = []
+    best: dict[str, float] = {}
+    for clause, sc in zip(clauses, clause_scores):
+        for k, v in sc.items():
+            best[k] = max(best.get(k, -1.0), v)
+        cues = _cue_hits(clause)
+        top = max(sc, key=lambda k: sc[k])
+        chosen: list[str] = []
+        # cue words take priority; the embedding alone decides only where no cue word is present
+        if top not in ("out_of_scope", "help") and sc[top] >= ACCEPT and (
+                top in cues or (not cues and sc[top] > sc["out_of_scope"] + 0.08)):
+            chosen.append(top)
+        for c in cues:
+            # a cue word is a second opinion; accept when the embedding does not flatly disagree
+            if c not in chosen and sc.get(c, 0) >= ACCEPT - 0.2:
+                chosen.append(c)
+        if "reliability" in chosen and "detect" in chosen and not lesion:
+            chosen.remove("detect")
+        if "compare" in chosen and "detect" in chosen and not (vocab.lesion_kind(clause) and
+                                                                ("any" in clause.lower() or "find" in clause.lower())):
+            chosen.remove("detect")
+        if not chosen and (vocab.resolve_regions(clause) or vocab.lesion_kind(clause)):
+            oos_like = sc["out_of_scope"] > max(v for k, v in sc.items() if k != "out_of_scope") + OOS_MARGIN
+            if not oos_like:
+                chosen.append("describe" if vocab.resolve_regions(clause) and not vocab.lesion_kind(clause)
+                              else "detect")
+        for c in chosen:
+            if c not in intents:
+                intents.append(c)
+
+    followup = False
+    if not intents:
+        top = max(best, key=lambda k: best[k]) if best else "out_of_scope"
+        last = context.get("last_intents") or []
+        short = len(q.split()) <= 6
+        side = vocab.side_words(q)
+        if last and short and (side or regions or top in ("detect", "describe", "locate") or _is_anaphora(q)):
+            followup = True
+            intents = [i for i in last if i not in ("reliability", "help")] or ["detect"]
+        elif top == "help" and best[top] >= ACCEPT:
+            return Plan([], ["help"], regions, reply=CAPABILITIES, scores=best)
+        else:
+            return Plan([], ["out_of_scope"], regions, reply=(
+                "That is outside what I can help with here. " + CAPABILITIES), scores=best)
+
+    # follow-ups resolve regions and lesion kind from context
+    if not regions:
+        side = vocab.side_words(q)
+        last_regions = context.get("last_regions") or []
+        if side and last_regions:
+            regions = [vocab.swap_side(r) if vocab.BY_NAME.get(r) and vocab.BY_NAME[r].side != side else r
+                       for r in last_regions]
+            if regions == last_regions and not any(vocab.BY_NAME.get(r, vocab.Region("x")).side for r in regions):
+                regions = [f"{side} lung"]
+            followup = True
+        elif side:
+            regions = [f"{side} lung"]
+        elif (followup or (_is_anaphora(q) and len(q.split()) <= 8 and not lesion)) and last_regions:
+            regions = list(last_regions)
+            followup = True
+    if lesion is None and (followup or _is_anaphora(q)):
+        lesion = context.get("last_lesion_kind")
+
+    calls: list[ToolCall] = []
+    detector_wants: list[str] = []
+    for intent in intents:
+        tool = TOOL_OF.get(intent)
+        if tool is None:
+            continue
+        if tool == "detector":
+            want = {"detect": "lesions", "locate": "anatomy", "describe": "describe"}[intent]
+            if want == "anatomy" and lesion:
+                want = "lesions"
+            detector_wants.append(want)
+            continue
+        if any(c.tool == tool for c in calls):
+            continue
+        if tool == "comparer":
+            calls.append(ToolCall(tool, {"regions": regions, "focus": _compare_focus(q)}))
+        elif tool == "report_writer":
+            calls.append(ToolCall(tool, {"include_comparison": True}))
+        elif tool == "prognosis":
+            calls.append(ToolCall(tool, {"clinical": {}, "question": "recurrence" if "recurr" in q.lower()
+                                         else "survival"}))
+        elif tool == "verifier":
+            calls.append(ToolCall(tool, {"recheck": any(w in q.lower() for w in ("double", "check", "verify"))}))
+    if detector_wants:
+        want = "lesions" if "lesions" in detector_wants else detector_wants[0]
+        calls.insert(0, ToolCall("detector", {"regions": regions, "lesion_kind": lesion, "want": want}))
+    return Plan(calls, intents, regions, approximate=approximate, lesion_kind=lesion, followup=followup, scores=best)
+
+
+_ANAPHORA = re.compile(r"\b(it|its|that|this one|that one|the one|them|those|these|same)\b", re.IGNORECASE)
+
+
+def _is_anaphora(q: str) -> bool:
+    return bool(_ANAPHORA.search(q)) or q.strip().lower().startswith(("and ", "what about", "how about"))
+
+
+def _compare_focus(q: str) -> str:
+    t = q.lower()
+    for word, focus in (("new", "new"), ("resolv", "resolved"), ("disappear", "resolved"), ("grow", "grew"),
+                        ("grew", "grew"), ("bigger", "grew"), ("shr", "shrank"), ("smaller", "shrank"),
+                        ("biggest", "largest"), ("largest", "largest"), ("stable", "stable")):
+        if word in t:
+            return focus
+    return "all"

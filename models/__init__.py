@@ -1,0 +1,1 @@
+"""Model backends (embedded, OpenAI-compatible/vLLM, transformers) behind one registry."""

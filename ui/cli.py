@@ -1,0 +1,177 @@
+"""The ``radassist`` command line: a thin shell over the same engine the web UI uses.
+
+User errors print one clear message on stderr and exit non-zero (2), never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+log = logging.getLogger("radassist")
+
+
+def _parse_box(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        vals = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise SystemExit("radassist: --box needs six numbers in mm: x0,y0,z0,x1,y1,z1") from None
+    if len(vals) != 6:
+        raise SystemExit("radassist: --box needs six numbers in mm: x0,y0,z0,x1,y1,z1")
+    lo = [min(vals[i], vals[i + 3]) for i in range(3)]
+    hi = [max(vals[i], vals[i + 3]) for i in range(3)]
+    return lo + hi
+
+
+def _parse_clinical(pairs: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise SystemExit(f"radassist: --clinical takes key=value pairs (got {p!r}).")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _print_answer(ans: Any) -> None:
+    sys.stdout.write(ans.answer + "\n")
+    for f in ans.findings:
+        if f.kind == "anatomy":
+            sys.stdout.write(f"  [{f.id}] {f.label}: box {f.bbox_mm} mm\n")
+        else:
+            size = f"{f.diameter_mm:.1f} {f.units}" if f.diameter_mm else "size n/a"
+            ch = f", {f.change.status}" if f.change else ""
+            sys.stdout.write(f"  [{f.id}] {f.kind}, {f.region}, {size}{ch}, reliability {f.reliability}\n")
+    for e in ans.evidence:
+        sys.stdout.write(f"  evidence: {e.path} ({e.caption})\n")
+    sys.stdout.write(f"thread: {ans.thread_id}\n")
+
+
+def cmd_ask(a: argparse.Namespace) -> int:
+    from agents.engine import Consultant
+
+    c = Consultant()
+    ans = c.ask(a.question, study=a.study, prior=a.prior, thread_id=a.thread, box_mm=_parse_box(a.box),
+                clinical=_parse_clinical(a.clinical))
+    if a.json:
+        out = ans.model_dump(mode="json", exclude={"steps", "notes"})
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        _print_answer(ans)
+    return 0
+
+
+def cmd_phantom(a: argparse.Namespace) -> int:
+    from tools.phantom import write_patient
+
+    truth = write_patient(a.outdir, seed=a.seed, size=a.size)
+    sys.stdout.write(f"wrote phantom patient seed {a.seed} ({len(truth['nodules'])} nodules) to {a.outdir}: "
+                     f"prior/, current/, truth.json\n")
+    return 0
+
+
+def cmd_import(a: argparse.Namespace) -> int:
+    from agents.engine import Consultant
+
+    c = Consultant()
+    for src in a.paths:
+        for rec in c.store.import_path(src):
+            sys.stdout.write(f"imported {rec.study_uid} {rec.study_date} {rec.modality} {rec.description}\n")
+    return 0
+
+
+def cmd_studies(a: argparse.Namespace) -> int:
+    from agents.engine import Consultant
+
+    c = Consultant()
+    for rec in c.store.list_studies():
+        sys.stdout.write(f"{rec.study_date}\t{rec.modality}\t{rec.study_uid}\t{rec.description}\n")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from ui.app import launch_demo
+
+    launch_demo(host=a.host, port=a.port, auth_file=a.auth)
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from agents.bench import run_bench
+
+    table = run_bench(seeds=a.seeds, size=a.size, out=a.out, only=a.only)
+    sys.stdout.write(table + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="radassist", description=(
+        "Evidence-grounded assistant for chest imaging (decision support, not diagnosis)."))
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("ask", help="ask a question about a study")
+    s.add_argument("question")
+    s.add_argument("--study", help="current study: DICOM folder, zip, file, or PNG/JPEG radiograph")
+    s.add_argument("--prior", help="prior study (default: looked up in the study store)")
+    s.add_argument("--thread", help="conversation id, to continue a conversation")
+    s.add_argument("--box", help="region-to-text: a box x0,y0,z0,x1,y1,z1 in patient mm (LPS)")
+    s.add_argument("--clinical", nargs="*", help="clinical features key=value (age=67 karnofsky=60 ...)")
+    s.add_argument("--json", action="store_true", help="print one JSON object (the answer contract)")
+    s.set_defaults(fn=cmd_ask)
+
+    s = sub.add_parser("phantom", help="write a phantom chest-CT patient (prior + current) with truth.json")
+    s.add_argument("outdir")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", choices=["small", "full"], default="small")
+    s.set_defaults(fn=cmd_phantom)
+
+    s = sub.add_parser("import", help="import DICOM studies into the local study store")
+    s.add_argument("paths", nargs="+")
+    s.set_defaults(fn=cmd_import)
+
+    s = sub.add_parser("studies", help="list the studies in the local store")
+    s.set_defaults(fn=cmd_studies)
+
+    s = sub.add_parser("demo", help="start the web UI with the bundled demo patient (no browser opened)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--auth", help="users file (user:sha256-hash lines); required beyond localhost")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("bench", help="run the phantom benchmark and print a table")
+    s.add_argument("--seeds", type=int, nargs="*", default=[1000, 1001, 1002, 1003])
+    s.add_argument("--size", choices=["small", "full"], default="small")
+    s.add_argument("--only", nargs="*", help="rows to run: detector routing turn")
+    s.add_argument("--out", default="bench-out")
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tools.errors import RadAssistError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args) or 0)
+    except RadAssistError as exc:
+        sys.stderr.write(f"radassist: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
