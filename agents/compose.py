@@ -69,7 +69,7 @@ def compose(question: str, plan: dict[str, Any], results: list[dict[str, Any]], 
         text += "\n\nMeasured: " + "; ".join(measured) + "."
     text += f"\n\nReliability: {rel.level} ({rel.score:.2f})"
     if verification and verification.get("caveat"):
-        text += f" — {verification['caveat']}"
+        text += f" — {verification['caveat'].rstrip('.')}"
     text += f". {DISCLAIMER}"
 
     report = next((Report(**r["report"]) for r in results if r.get("report")), None)

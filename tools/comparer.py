@@ -88,8 +88,8 @@ def _resample_iso(img: sitk.Image, mm: float) -> sitk.Image:
     sp = np.array(img.GetSpacing())
     size = np.array(img.GetSize())
     new_size = np.maximum(1, np.round(size * sp / mm)).astype(int)
-    sigma = [max(0.0, (mm - s) / 2.0) for s in sp]
-    smooth = sitk.SmoothingRecursiveGaussian(img, sigma) if max(sigma) > 0 else img
+    sigma = [max(0.05, (mm - s) / 2.0) for s in sp]
+    smooth = sitk.SmoothingRecursiveGaussian(img, sigma) if max(sigma) > 0.05 else img
     return sitk.Resample(smooth, [int(v) for v in new_size], sitk.Transform(), sitk.sitkLinear, img.GetOrigin(),
                          [mm] * 3, img.GetDirection(), -1000.0, sitk.sitkFloat32)
 
@@ -245,7 +245,8 @@ def compare_studies(current: Study, prior: Study, req: CompareRequest | None = N
             c.change = Change(status=status, prior_diameter_mm=p.diameter_mm, prior_center_mm=p.center_mm,
                               interval_days=interval, prior_volume_mm3=p.volume_mm3,
                               diameter_change_mm=round((c.diameter_mm or 0) - (p.diameter_mm or 0), 2),
-                              doubling_time_days=doubling_time(p.volume_mm3, c.volume_mm3, interval),
+                              doubling_time_days=(doubling_time(p.volume_mm3, c.volume_mm3, interval)
+                                                  if status == "grew" else None),
                               prior_finding_id=p.id)
         out.append(c)
     for n, p in enumerate(resolved, start=1):

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import re
+import textwrap
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -331,7 +332,8 @@ def parse_clinical(text: str) -> dict[str, Any]:
 
     # brain diagnosis
     m = re.search(r"(?:who\s*)?grade\s*(iv|iii|ii|i|[1-4])\b[^.,;]{0,20}?(?:glioma|astrocytoma|oligodendroglioma)"
-                  r"|(?:glioma|astrocytoma|oligodendroglioma)[^.,;]{0,20}?(?:who\s*)?grade\s*(iv|iii|ii|i|[1-4])\b", low)
+                  r"|(?:glioma|astrocytoma|oligodendroglioma)[^.,;]{0,20}?(?:who\s*)?grade\s*(iv|iii|ii|i|[1-4])\b",
+                  low)
     if "mening" in low:
         out["diagnosis"] = "meningioma"
     elif re.search(r"glioblastoma|\bgbm\b|high[\s-]*grade\s+glioma|\bhgg\b|anaplastic\s+(?:astrocytoma|oligo)", low):
@@ -364,7 +366,8 @@ def parse_clinical(text: str) -> dict[str, Any]:
         out["prior_therapy"] = "yes"
 
     # months since diagnosis
-    m = (re.search(r"diagnosed\s+(?:about\s+|some\s+)?" + _NUM + r"\s*(months?|mo|years?|yrs?|weeks?|wks?)\s+ago", low)
+    m = (re.search(r"diagnosed\s+(?:about\s+|some\s+)?" + _NUM
+                   + r"\s*(months?|mo|years?|yrs?|weeks?|wks?)\s+ago", low)
          or re.search(_NUM + r"\s*(months?|mo|years?|yrs?|weeks?|wks?)\s+(?:since|from|after)\s+(?:the\s+|initial\s+)?"
                       r"diagnosis", low))
     if m:
@@ -621,7 +624,7 @@ def _site_cohorts() -> dict[str, Cohort]:
         try:
             card = json.loads(card_path.read_text())
             out[card["name"]] = _cohort_from_card(card, card_path.parent / "data.csv")
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("Skipping unreadable site cohort %s: %s", card_path, exc)
     return out
 
@@ -663,6 +666,13 @@ def _encode(df: pd.DataFrame, specs: list[FeatureSpec]) -> pd.DataFrame:
     return pd.DataFrame(cols, index=df.index)
 
 
+def _surv_y(t: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """scikit-survival's structured outcome array."""
+    y = np.empty(len(t), dtype=[("event", bool), ("time", float)])
+    y["event"], y["time"] = np.asarray(e, dtype=bool), np.asarray(t, dtype=float)
+    return y
+
+
 class _Cox:
     kind = "cox"
 
@@ -690,10 +700,11 @@ class _RSF:
     def fit(self, x: pd.DataFrame, t: np.ndarray, e: np.ndarray) -> _RSF:
         from sksurv.ensemble import RandomSurvivalForest
 
-        y = np.array(list(zip(e.astype(bool), t.astype(float))), dtype=[("event", bool), ("time", float)])
+        y = _surv_y(t, e)
         self.cols = list(x.columns)
         self.rsf = RandomSurvivalForest(**RSF_PARAMS).fit(x[self.cols].values, y)
-        self.times = np.asarray(getattr(self.rsf, "unique_times_", None), dtype=float)
+        times = getattr(self.rsf, "unique_times_", None)
+        self.times = np.asarray(times if times is not None else self.rsf.event_times_, dtype=float)
         return self
 
     def risk(self, x: pd.DataFrame) -> np.ndarray:
@@ -753,10 +764,9 @@ def _ibs(train_t: np.ndarray, train_e: np.ndarray, test_t: np.ndarray, test_e: n
     g = grid[(grid >= test_t.min()) & (grid < test_t.max()) & (grid < train_t.max())]
     if len(g) < 2:
         return None
-    mk = lambda tt, ee: np.array(list(zip(ee.astype(bool), tt.astype(float))),  # noqa: E731
-                                 dtype=[("event", bool), ("time", float)])
     try:
-        return float(integrated_brier_score(mk(train_t, train_e), mk(test_t, test_e), model.survival(x_test, g), g))
+        return float(integrated_brier_score(_surv_y(train_t, train_e), _surv_y(test_t, test_e),
+                                            model.survival(x_test, g), g))
     except ValueError as exc:
         log.debug("IBS skipped: %s", exc)
         return None
@@ -883,7 +893,10 @@ def _build_card(cohort: Cohort, folds: int = 5, seed: int = 0) -> dict[str, Any]
                        "integrated_brier_score": "IPCW, 10th-80th percentile of event times (scikit-survival)",
                        "calibration": "12 months: out-of-fold predicted vs Kaplan-Meier observed by tertile"},
         "interval_definition": "interquartile range of the predicted survival time (25th-75th percentile)",
-        "image_features": cohort.image_features or "none: the cohort has no imaging variables",
+        "image_features": dict(cohort.image_features),
+        "image_features_note": ("; ".join(f"{k} <- {v}" for k, v in cohort.image_features.items())
+                                or "none: the cohort has no imaging variables; detector measurements are "
+                                   "reported but not used"),
         "intended_use": cohort.intended_use, "not_for": cohort.not_for, "limitations": cohort.limitations,
         "data_fingerprint": _fingerprint(df),
         "built": {"date": dt.date.today().isoformat(), "versions": versions},
@@ -1124,6 +1137,10 @@ def _hr_text(d: dict[str, Any]) -> str:
     return f", HR {d['hazard_ratio']:.2f} " + (per if per.startswith("vs ") else f"per {per}")
 
 
+def _pct(v: float) -> str:
+    return "<1%" if v < 0.005 else ">99%" if v > 0.995 else f"{v:.0%}"
+
+
 def _fmt_days(d: float | None) -> str:
     if d is None:
         return "not reached"
@@ -1156,7 +1173,7 @@ def _plot(path: Path, b: dict[str, Any], grid: np.ndarray, s: np.ndarray, title:
     ax.set_ylabel("survival probability")
     ax.set_ylim(0, 1.02)
     ax.set_xlim(0, float(grid.max()) / DAYS_PER_MONTH)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 95), fontsize=8)
     ax.legend(fontsize=7, loc="upper right")
     fig.text(0.01, 0.01, "Decision support only; historical cohort; not for individual treatment decisions.",
              fontsize=6.5, color="dimgrey")
@@ -1222,26 +1239,24 @@ def predict(req: PrognosisRequest) -> PrognosisResult:
         reason = " ".join(why for _, why in unavailable if why)
         return _empty(reason + " " + DISCLAIMER, refused=reason)
 
-    options = []  # (score, cohort, variant index, card, problems)
+    # values already given that a cohort does not cover exclude it; if none is left, refuse
+    given = {c.name: _range_problems(c, _card(c), tuple(k for k in c.features if k in clin), clin) for c in avail}
+    if all(given.values()):
+        where = [f"{cohorts[n].title}: {'; '.join(p)}" for n, p in given.items()]
+        reason = ("Inputs fall outside the training range of "
+                  + ("every applicable cohort: " if len(where) > 1 else "") + " | ".join(where)
+                  + ". Extrapolating would be a guess, so no estimate is given.")
+        return _empty(reason + " " + DISCLAIMER, refused=reason, model=avail[0].name, card=_card(avail[0]))
+    avail = [c for c in avail if not given[c.name]]
+
+    options = []  # (score, cohort, variant index, card)
     for c in avail:
         card = _card(c)
         for vi, v in enumerate(c.variants):
-            if _variant_missing(v, clin):
-                continue
-            used = sum(1 for k in v if k in clin)
-            cidx = card["variants"][vi]["cv_c_index"]
-            options.append(((used, cidx), c, vi, card, _range_problems(c, card, v, clin)))
-            break
+            if not _variant_missing(v, clin):
+                options.append(((sum(1 for k in v if k in clin), card["variants"][vi]["cv_c_index"]), c, vi, card))
+                break
     if not options:
-        # values already given that no remaining cohort covers: refuse now rather than ask for more
-        given = {c.name: _range_problems(c, _card(c), tuple(k for k in c.features if k in clin), clin)
-                 for c in avail}
-        if all(given.values()):
-            reason = ("Inputs fall outside the training range of every applicable cohort: "
-                      + "; ".join(f"{cohorts[n].title}: {', '.join(p)}" for n, p in given.items())
-                      + ". Extrapolating would be a guess, so no estimate is given.")
-            return _empty(reason + " " + DISCLAIMER, refused=reason, model=avail[0].name, card=_card(avail[0]))
-        avail = [c for c in avail if not given[c.name]]
         best = min(avail, key=lambda c: len(_cohort_missing(c, clin)))
         miss = _cohort_missing(best, clin)
         ask = f"To estimate survival with the {best.title} model, please give: {_missing_label(miss)}."
@@ -1249,13 +1264,7 @@ def predict(req: PrognosisRequest) -> PrognosisResult:
             others = [f"{c.title}: {_missing_label(_cohort_missing(c, clin))}" for c in avail if c is not best]
             ask += " (Alternatively " + "; ".join(others) + ".)"
         return _empty(" ".join([ask, *notes, DISCLAIMER]), missing=miss, model=best.name, card=_card(best))
-    ok = [o for o in options if not o[4]]
-    if not ok:
-        o = max(options, key=lambda o: o[0])
-        reason = (f"Inputs fall outside the training range of {o[1].title}: " + "; ".join(o[4])
-                  + ". Extrapolating would be a guess, so no estimate is given.")
-        return _empty(reason + " " + DISCLAIMER, refused=reason, model=o[1].name, card=o[3])
-    _, cohort, vi, card, _ = max(ok, key=lambda o: o[0])
+    _, cohort, vi, card = max(options, key=lambda o: o[0])
     vcard = card["variants"][vi]
     kind = vcard["selected_model"]
     if kind not in _model_kinds():
@@ -1286,8 +1295,8 @@ def predict(req: PrognosisRequest) -> PrognosisResult:
     evidence: list[Evidence] = []
     if req.plot_path is not None:
         path = Path(req.plot_path)
-        _plot(path, b, grid, s, f"{cohort.title} ({cohort.era.split(',')[0].strip()}): {kind.upper()} on "
-              f"{', '.join(variant)}", median)
+        _plot(path, b, grid, s, f"{cohort.title}, {cohort.era.split(',')[0].strip()}: "
+              f"{'Cox PH' if kind == 'cox' else 'random survival forest'} on {', '.join(variant)}", median)
         evidence.append(Evidence(kind="plot", path=str(path), role="survival-curve",
                                  caption=f"Predicted survival for this patient ({kind}) over Kaplan-Meier curves "
                                          f"of the {cohort.title} cohort by model risk tertile."))
@@ -1299,12 +1308,13 @@ def predict(req: PrognosisRequest) -> PrognosisResult:
         f"Estimated overall survival, from the {cohort.title} cohort ({cohort.era}; N={vcard['n']}, "
         f"{vcard['events']} deaths), {'Cox proportional hazards' if kind == 'cox' else 'random survival forest'} "
         f"on {', '.join(LABELS.get(k, k) for k in variant)}:",
-        f"median {_fmt_days(median)}"
+        (f"median {_fmt_days(median)}" if median is not None else
+         f"median not reached within the cohort's follow-up ({t_max / DAYS_PER_MONTH:.0f} months)")
         + (f"; half of comparable cohort patients between {interval[0]:.0f} and {interval[1]:.0f} days"
            if interval else "") + ".",
     ]
     if surv_at:
-        parts.append("Survival probability " + ", ".join(f"{k} {v:.0%}" for k, v in surv_at.items()) + ".")
+        parts.append("Survival probability " + ", ".join(f"{k} {_pct(v)}" for k, v in surv_at.items()) + ".")
     parts.append(f"Risk group: {group} (tertiles of the cohort's predicted risk).")
     top = [d for d in drivers if d["direction"].split()[0] != "neutral"][:3]
     if top:
@@ -1406,8 +1416,10 @@ def train_cohort(csv_path: str | Path, time_col: str, event_col: str, name: str 
         col = raw[c]
         if k in NUMERIC_KEYS or (pd.api.types.is_numeric_dtype(col) and col.nunique() > 2):
             data[k] = pd.to_numeric(col, errors="coerce")
-            scale = 10.0 if k in ("age", "karnofsky") else 1.0
-            specs[k] = FeatureSpec(k, "numeric", LABELS.get(k, c), scale=scale)
+            scale = 10.0 if k in ("age", "karnofsky", "gtv_cm3") else 1.0
+            unit = {"age": "years", "karnofsky": "points", "ecog": "grade", "gtv_cm3": "cm3",
+                    "months_since_diagnosis": "months", "weight_loss_kg": "kg"}.get(k, "")
+            specs[k] = FeatureSpec(k, "numeric", LABELS.get(k, c), unit=unit, scale=scale)
         else:
             vals = col.map(lambda v, k=k: None if pd.isna(v) else _safe_norm(k, v))
             data[k] = vals
@@ -1428,7 +1440,7 @@ def train_cohort(csv_path: str | Path, time_col: str, event_col: str, name: str 
         raise RadAssistError(f"Too few complete patients ({len(complete)}) or events "
                              f"({int(complete['event'].sum())}) to fit and validate a model (need 30 and 10).")
     cohort = Cohort(
-        name=name, title=f"site cohort '{name}'", cancer=_cancer(cancer) if cancer else None, endpoint=endpoint,
+        name=name, title=f"{name} (site)", cancer=_cancer(cancer) if cancer else None, endpoint=endpoint,
         source=str(path.resolve()), citation="site data", era=era or f"site data registered {dt.date.today()}",
         population=f"site cohort from {path.name}", features=specs, variants=[tuple(specs)],
         loader=lambda: data, intended_use="Site-specific context; validate locally before any clinical use.",

@@ -178,12 +178,23 @@ def findings_rows(answer: Answer | None) -> list[list[Any]]:
     return rows
 
 
+def _fmt_detail(v: Any) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt_detail(x)}" for k, x in v.items())
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        return ", ".join(_fmt_detail(x) for x in v[:20])
+    return str(v)
+
+
 def reliability_html(answer: Answer | None) -> str:
     if answer is None:
         return "<div class='ra-badge'><em>No answer yet.</em></div>"
     r = answer.reliability
     colour = LEVEL_COLOURS.get(r.level, "#555")
-    items = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in r.details.items())
+    items = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(_fmt_detail(v))}</li>"
+                    for k, v in r.details.items() if v not in (None, {}, [], ""))
     details = f"<details><summary>How this was measured</summary><ul>{items}</ul></details>" if items else ""
     return (f"<div class='ra-badge'><span style='background:{colour};color:white;padding:2px 8px;"
             f"border-radius:8px;font-weight:600'>Reliability: {html.escape(r.level)} ({r.score:.2f})</span> "
@@ -312,14 +323,16 @@ class App:
         return (gr.update(choices=prior_choices(self.c, study_uid), value=AUTO_PRIOR), history,
                 uuid.uuid4().hex, *panel(None))
 
-    def upload(self, files: list[str] | None, history: list[Message] | None) -> tuple[Any, ...]:
-        """Import the uploaded files, select the newest imported study and start a new conversation."""
+    def upload(self, files: list[str] | None, history: list[Message] | None,
+               thread_id: str | None = None) -> tuple[Any, ...]:
+        """Import the uploaded files, select the newest imported study and start a new conversation;
+        on failure the message goes to the chat and the conversation stays as it was."""
         history = list(history or [])
         try:
             records = import_uploads(self.c, list(files or []))
         except Exception as exc:  # noqa: BLE001 - shown in the chat; the session goes on
             history.append({"role": "assistant", "content": f"The upload could not be imported. {error_text(exc)}"})
-            return gr.update(), gr.update(), history, gr.update(), *(gr.update() for _ in range(5)), None
+            return gr.update(), gr.update(), history, thread_id, *(gr.update() for _ in range(5)), None
         newest = max(records, key=lambda r: (r.study_date or "", r.study_uid))
         log.info("upload imported %d study(ies)", len(records))
         names = "; ".join(study_label(r) for r in records)
@@ -421,9 +434,11 @@ def build_app(consultant: Consultant | None = None,
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=260):
                 study = gr.Dropdown(choices=choices, value=first, label="Study (newest first)",
-                                    info="date · modality · description · patient pseudonym", interactive=True)
+                                    info="date · modality · description · patient pseudonym", interactive=True,
+                                    allow_custom_value=True)
                 prior = gr.Dropdown(choices=prior_choices(consultant, first), value=AUTO_PRIOR, label="Prior",
-                                    info="auto: the most recent earlier study of the same patient", interactive=True)
+                                    info="auto: the most recent earlier study of the same patient", interactive=True,
+                                    allow_custom_value=True)
                 upload = gr.File(file_count="multiple", label="Upload a study (DICOM files or a zip)",
                                  file_types=None)
                 new_conv = gr.Button("New conversation", variant="secondary")
@@ -449,7 +464,7 @@ def build_app(consultant: Consultant | None = None,
         box.submit(app.chat, chat_inputs, chat_outputs, api_visibility="private")
         study.input(app.select_study, [study], [prior, chatbot, thread_state, *panel_outputs],
                     api_visibility="private")
-        upload.upload(app.upload, [upload, chatbot], [study, prior, chatbot, thread_state, *panel_outputs, upload],
+        upload.upload(app.upload, [upload, chatbot, thread_state], [study, prior, chatbot, thread_state, *panel_outputs, upload],
                       api_name="upload", concurrency_limit=1)
         new_conv.click(lambda: ([], uuid.uuid4().hex, *panel(None)), None,
                        [chatbot, thread_state, *panel_outputs], api_visibility="private")
@@ -524,8 +539,9 @@ def launch_demo(host: str = "127.0.0.1", port: int = 7860, auth_file: str | Path
 
         consultant = Consultant()
     prepare_demo_patient(consultant)
+    (consultant.home / "evidence").mkdir(parents=True, exist_ok=True)
     demo = build_app(consultant, auth=auth)
     demo.launch(server_name=host, server_port=port, inbrowser=False, share=False, auth=auth,
                 auth_message="radassist: sign in" if auth else None, prevent_thread_lock=not block,
-                allowed_paths=[str(consultant.home)], show_error=False, quiet=False)
+                allowed_paths=[str(consultant.home / "evidence")], show_error=False, quiet=False)
     return demo

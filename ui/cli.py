@@ -114,6 +114,17 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_third_party() -> None:
+    """pydicom's validation warnings can quote header values (names, ids): keep them out of logs."""
+    import warnings
+
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pydicom")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="radassist", description=(
         "Evidence-grounded assistant for chest imaging (decision support, not diagnosis)."))
@@ -164,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_third_party()
     try:
         return int(args.fn(args) or 0)
     except RadAssistError as exc:

@@ -1,0 +1,259 @@
+"""The web UI (ui/app.py): handlers on a scripted consultant, then the real app served in-process and
+driven through ``gradio_client`` (the /ask, /chat, /upload and /studies endpoints)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tools.errors import ConfigError, StudyError
+from tools.schemas import Answer, Reliability
+from ui import app as ui_app
+
+
+
+def _have_phantom() -> bool:
+    try:
+        from tools.phantom import write_patient  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAVE_PHANTOM = _have_phantom()
+HAVE_DETECTOR = importlib.util.find_spec("tools.detector") is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _text(msg: dict[str, Any]) -> str:
+    """A chat message's text, whether served (list of parts) or local (str)."""
+    content = msg.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return str(content or "")
+
+
+def _answer(text: str, thread_id: str) -> Answer:
+    return Answer(answer=text, tools=["detector"], findings=[], evidence=[],
+                  reliability=Reliability(score=0.9, level="high", method="scripted", details={"n": 1}),
+                  backend={"orchestrator": "fake"}, thread_id=thread_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# Handlers on a scripted consultant (no server)
+# ------------------------------------------------------------------------------------------------
+class ScriptedConsultant:
+    """Emits a plan and one tool step, waits until the UI has shown the running step, then answers."""
+
+    def __init__(self, home: Path, fail: Exception | None = None) -> None:
+        self.home = home
+        self.fail = fail
+        self.seen_running = threading.Event()
+        self.threads: list[str | None] = []
+
+    def ask(self, question: str, study: Any = None, prior: Any = None, thread_id: str | None = None,
+            on_step: Callable[[dict[str, Any]], None] | None = None, **_: Any) -> Answer:
+        self.threads.append(thread_id)
+        if self.fail is not None:
+            raise self.fail
+        assert on_step is not None
+        on_step({"event": "plan", "tools": ["detector"], "intents": ["detect"]})
+        on_step({"event": "step", "tool": "detector", "title": "Grounded detector", "status": "running"})
+        assert self.seen_running.wait(10), "the UI did not show the running step before the answer"
+        on_step({"event": "step", "tool": "detector", "title": "Grounded detector", "status": "done",
+                 "duration_s": 0.42, "detail": "2 nodules found."})
+        return _answer("Two nodules.", thread_id or "")
+
+
+def test_chat_handler_streams_pending_then_done(tmp_path: Path) -> None:
+    fake = ScriptedConsultant(tmp_path)
+    app = ui_app.App(fake)  # type: ignore[arg-type]
+    saw_pending = False
+    final: tuple[Any, ...] = ()
+    for out in app.chat("Show me all pulmonary nodules", [], None, "auto", None):
+        history = out[0]
+        steps = [m for m in history if m.get("metadata", {}).get("title") == "Grounded detector"]
+        if steps and steps[-1]["metadata"]["status"] == "pending":
+            saw_pending = True
+            fake.seen_running.set()
+        final = out
+    assert saw_pending
+    history, box, thread_id = final[0], final[1], final[2]
+    assert box == "" and thread_id and fake.threads == [thread_id]
+    step = next(m for m in history if m.get("metadata", {}).get("title") == "Grounded detector")
+    assert step["metadata"]["status"] == "done" and step["metadata"]["duration"] == pytest.approx(0.42)
+    assert step["content"] == "2 nodules found."
+    assert history[-1] == {"role": "assistant", "content": "Two nodules."}
+    assert "high" in final[4] and "<details>" in final[4]  # reliability badge
+    # the same session keeps its thread; a second session gets its own
+    fake.seen_running.set()
+    list(app.chat("and the left?", history, None, "auto", thread_id))
+    list(app.chat("hello", [], None, "auto", None))
+    assert fake.threads[1] == thread_id and fake.threads[2] not in (None, thread_id)
+
+
+def test_chat_handler_shows_clear_errors(tmp_path: Path) -> None:
+    app = ui_app.App(ScriptedConsultant(tmp_path, fail=StudyError("This study has no image series.")))  # type: ignore[arg-type]
+    *_, last = app.chat("hello", [], None, "auto", "t1")
+    assert last[0][-1] == {"role": "assistant", "content": "This study has no image series."}
+    app = ui_app.App(ScriptedConsultant(tmp_path, fail=ValueError("internal detail")))  # type: ignore[arg-type]
+    *_, last = app.chat("hello", [], None, "auto", "t1")
+    assert last[0][-1]["content"] == ui_app.GENERIC_ERROR and "internal detail" not in last[0][-1]["content"]
+
+
+def test_users_file_and_host_guard(tmp_path: Path) -> None:
+    users = tmp_path / "users.txt"
+    users.write_text("# clinicians\nalice:" + hashlib.sha256(b"s3cret").hexdigest() + "\n\n")
+    check = ui_app.make_auth(users)
+    assert check("alice", "s3cret") and not check("alice", "wrong") and not check("bob", "s3cret")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("alice:plaintext\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        ui_app.load_users(bad)
+    with pytest.raises(ConfigError, match="without sign-in"):
+        ui_app.launch_demo(host="0.0.0.0", port=_free_port(), auth_file=None, block=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real app, served in-process
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from gradio_client import Client
+
+    from agents.engine import Consultant
+
+    home = tmp_path_factory.mktemp("ui_home")
+    consultant = Consultant(home_dir=home)
+    imported = ui_app.prepare_demo_patient(consultant) if HAVE_PHANTOM else []
+    demo = ui_app.build_app(consultant)
+    port = _free_port()
+    demo.launch(prevent_thread_lock=True, server_port=port, server_name="127.0.0.1", quiet=True,
+                allowed_paths=[str(home / "evidence")])
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        yield {"client": client, "consultant": consultant, "imported": imported, "port": port}
+    finally:
+        demo.close()
+
+
+def _current_uid(served: dict[str, Any]) -> str:
+    if not served["imported"]:
+        pytest.skip("no demo patient in the store (tools.phantom not available)")
+    return str(max(served["imported"], key=lambda r: r.study_date or "").study_uid)
+
+
+def test_studies_endpoint_lists_newest_first_with_pseudonyms(served: dict[str, Any]) -> None:
+    studies = served["client"].predict(api_name="/studies")
+    if not served["imported"]:
+        assert studies == []
+        pytest.skip("tools.phantom not available: demo patient not written")
+    demo_uids = {r.study_uid for r in served["imported"]}
+    studies = [s for s in studies if s["study_uid"] in demo_uids]
+    assert len(studies) == 2 and studies[0]["date"] > studies[1]["date"]
+    real_ids = {r.patient_id for r in served["consultant"].store.list_studies()}
+    for s in studies:
+        assert s["patient"].startswith("P-") and s["patient"] not in real_ids
+        assert not any(pid and pid in s["label"] for pid in real_ids)
+    prior = ui_app.prior_choices(served["consultant"], studies[0]["study_uid"])
+    assert prior[0][1] == ui_app.AUTO_PRIOR and studies[1]["label"] in prior[0][0]
+
+
+def test_chat_endpoint_streams_steps_and_answer(served: dict[str, Any]) -> None:
+    uid = _current_uid(served) if served["imported"] else None
+    job = served["client"].submit("Show me all pulmonary nodules", [], uid, "auto", api_name="/chat")
+    final = job.result(timeout=150)
+    history = final[0]
+    steps = [m for m in history if (m.get("metadata") or {}).get("title")]
+    assert any("detector" in m["metadata"]["title"].lower() for m in steps)
+    assert all(m["metadata"].get("status") == "done" for m in steps)
+    assert history[-1]["role"] == "assistant" and not history[-1].get("metadata")
+    assert "Decision support" in _text(history[-1]) or _text(history[-1])
+    assert len(job.outputs()) >= 3  # user echo, step updates, answer: it streamed
+
+
+@pytest.mark.skipif(not (HAVE_PHANTOM and HAVE_DETECTOR), reason="tools.phantom / tools.detector not available yet")
+def test_ask_endpoint_nodules_and_follow_up(served: dict[str, Any]) -> None:
+    client = served["client"]
+    uid = _current_uid(served)
+    ans = client.predict("Show me all pulmonary nodules", uid, "ui-thread-1", api_name="/ask")
+    assert ans["thread_id"] == "ui-thread-1" and "detector" in ans["tools"]
+    nodules = [f for f in ans["findings"] if f["kind"] != "anatomy"]
+    assert nodules and all(f["diameter_mm"] for f in nodules)
+    images = [e for e in ans["evidence"] if e["kind"] == "image"]
+    assert images and all(Path(e["path"]).is_file() for e in images)
+    follow = client.predict("how big is it?", "", "ui-thread-1", api_name="/ask")
+    assert follow["thread_id"] == "ui-thread-1"
+    assert "mm" in follow["answer"]
+
+
+def test_bad_upload_shows_clear_error_and_session_continues(served: dict[str, Any], tmp_path: Path) -> None:
+    from gradio_client import handle_file
+
+    client = served["client"]
+    bad = tmp_path / "bad.dcm"
+    bad.write_text("this is not a DICOM file\n")
+    out = client.predict([handle_file(str(bad))], [], api_name="/upload")
+    history = out[2]
+    msg = _text(history[-1])
+    assert history[-1]["role"] == "assistant"
+    assert "could not be imported" in msg and "bad.dcm" in msg and "not a DICOM file" in msg
+    assert "Traceback" not in msg
+    assert not list((served["consultant"].home / "uploads").glob("*"))  # staging cleaned up
+    final = client.submit("hello", history, None, "auto", api_name="/chat").result(timeout=120)
+    assert final[0][-1]["role"] == "assistant" and "nodule" in _text(final[0][-1]).lower()
+
+
+def test_upload_imports_and_selects_the_study(served: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+
+    from gradio_client import handle_file
+    from pydicom.data import get_testdata_file
+
+    client = served["client"]
+    src = tmp_path / "CT_small.dcm"
+    shutil.copyfile(get_testdata_file("CT_small.dcm"), src)
+    out = client.predict([handle_file(str(src))], [], api_name="/upload")
+    uid = out[0]["value"] if isinstance(out[0], dict) else out[0]  # the picker's update
+    rec = served["consultant"].store.get(uid)
+    assert rec is not None and rec.modality == "CT"
+    assert "Imported 1 study" in _text(out[2][-1])
+    final = client.submit("Show me all pulmonary nodules", out[2], uid, "auto", api_name="/chat").result(timeout=150)
+    steps = [m for m in final[0] if "detector" in ((m.get("metadata") or {}).get("title") or "").lower()]
+    assert steps and "skipped" not in steps[0]["metadata"]["title"]  # the study was open for the detector
+    assert final[0][-1]["role"] == "assistant" and not final[0][-1].get("metadata")
+
+
+def test_evidence_panel_from_answer(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from tools.schemas import Change, Evidence, Finding, Report, ReportSentence
+
+    img = tmp_path / "F1.png"
+    Image.new("L", (8, 8)).save(img)
+    ans = _answer("One nodule grew.", "t").model_copy(update={
+        "findings": [Finding(id="F1", kind="nodule", region="right upper zone", diameter_mm=8.14, reliability=0.91,
+                             change=Change(status="grew", prior_diameter_mm=6.0, interval_days=343))],
+        "evidence": [Evidence(kind="image", path=str(img), caption="F1 key image", finding_ids=["F1"]),
+                     Evidence(kind="image", path=str(tmp_path / "missing.png"), caption="gone")],
+        "report": Report(sections={"findings": "An 8 mm nodule.", "impression": "Growing nodule."},
+                         sentences=[ReportSentence(text="An 8 mm nodule.", finding_ids=["F1"])], lung_rads="4A"),
+    })
+    gallery, badge, rows, report, files = ui_app.panel(ans)
+    assert gallery == [(str(img), "F1 key image [F1]")]
+    assert rows == [["F1", "nodule", "right upper zone", "8.1 mm", "grew, prior 6.0 mm, 343 d", "0.91"]]
+    assert "Growing nodule." in report and "4A" in report and "high (0.90)" in badge
+    assert files is None

@@ -1,0 +1,819 @@
+"""The grounded detector engine for chest CT (embedded default: CPU, no weights).
+
+``analyze_series(series)`` (cached per series uid) segments the anatomy (:mod:`tools.anatomy`) and
+finds lung nodules and masses:
+
+1. *Search volume*: the series block-averaged to ~1.25 mm voxels over the lungs' box; voxels
+   outside the closed lung mask (rolling-ball closed, holes filled, so juxtapleural nodules and
+   vessels are inside) are set to the parenchyma's HU, which removes the chest wall and mediastinum
+   but keeps nodules touching them.
+2. *Candidates*: multi-scale Hessian "dot" enhancement (Li et al. 2003: ``|l3|^2/|l1|`` when all
+   three eigenvalues are negative, zero for tubes and plates), scale-normalised, over sigmas for
+   radii ~2-22 mm on a pyramid (each scale at ~1.5 voxels), local maxima above a contrast-scaled
+   threshold, greedy non-maximum suppression across scales.
+3. *Segmentation* of each candidate at full resolution in a small ROI: local parenchyma and core HU,
+   threshold half-way between them (half-maximum: unbiased borders under blur and partial volume),
+   the lung side of the pleura only (a local rolling-ball closing of the air), vessel detachment by
+   an opening scaled to the candidate (then a limited reconstruction), connected component at the
+   centre.
+4. *Measurement*: long and short axial diameters on the slice of largest area (long = maximal
+   Feret diameter, short = widest extent perpendicular to it, both on the half-maximum contour with
+   sub-voxel interpolation), their mean (Lung-RADS), partial-volume-weighted volume, mean/core HU,
+   attenuation (solid / part-solid / ground-glass).
+5. *False-positive reduction*: shape (elongation from the 3-D inertia tensor, compactness),
+   extension beyond the ROI (vessels and chest wall run on), blobness of the Hessian, contrast, and
+   a confidence in 0-1; only candidates above ``MIN_CONFIDENCE`` are reported.
+
+``run_detector(study, request)`` answers text-to-region (lesions in named regions), anatomy and
+region-to-text (what lies in a box) requests, with evidence images. ``measure_at`` re-segments the
+nodule nearest a point in an ROI (cheap; used by the verifier and the comparer).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from tools import vocab
+from tools.anatomy import Anatomy, RegionInfo, region_at, segment_anatomy
+from tools.cache import CACHE
+from tools.errors import UnsupportedError
+from tools.schemas import Evidence, Finding
+from tools.study import Series, Study
+
+log = logging.getLogger(__name__)
+
+SEARCH_MM = 1.25
+SIGMAS_MM: tuple[float, ...] = (1.2, 1.6, 2.15, 2.9, 3.9, 5.2, 7.0, 9.4, 12.6)
+SIGMA_TO_RADIUS = 1.0 / 0.6  # sphere radius whose normalised Hessian peaks at sigma
+DOT_THRESHOLD = 28.0  # normalised dot response (HU): ~0.31 x contrast at the matched scale
+MAX_CANDIDATES = 400
+MIN_DIAMETER_MM = 3.5
+MIN_CONFIDENCE = 0.5
+MASS_MM = 30.0
+
+
+# ----------------------------------------------------------------------------------------------
+# request / result types
+
+
+@dataclass
+class DetectRequest:
+    regions: list[str] = field(default_factory=list)  # canonical vocab names; [] = whole chest
+    lesion_kind: str | None = None  # "nodule" | "mass" | "opacity" | None
+    box_mm: list[float] | None = None  # region-to-text: what lies in this box?
+    want: str = "lesions"  # "lesions" | "anatomy" | "describe"
+    evidence_dir: Path | None = None  # where to write PNG evidence; None = no images
+
+
+@dataclass
+class SeriesAnalysis:
+    anatomy: Anatomy
+    nodules: list[Finding]
+    runtime_s: float
+    notes: list[str] = field(default_factory=list)
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # all scored candidates (debug)
+
+
+@dataclass
+class DetectResult:
+    findings: list[Finding]
+    evidence: list[Evidence]
+    summary: str
+    measured: list[str]
+    notes: list[str]
+
+
+# ----------------------------------------------------------------------------------------------
+# small numeric helpers
+
+
+def _ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
+    di, dj, dk = spacing
+    rk, rj, ri = (max(0, int(np.floor(radius_mm / s + 1e-6))) for s in (dk, dj, di))
+    k, j, i = np.ogrid[-rk:rk + 1, -rj:rj + 1, -ri:ri + 1]
+    return (k * dk) ** 2 + (j * dj) ** 2 + (i * di) ** 2 <= radius_mm ** 2 + 1e-6
+
+
+def _disk(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
+    di, dj, _ = spacing
+    rj, ri = (max(0, int(np.floor(radius_mm / s + 1e-6))) for s in (dj, di))
+    j, i = np.ogrid[-rj:rj + 1, -ri:ri + 1]
+    return (j * dj) ** 2 + (i * di) ** 2 <= radius_mm ** 2 + 1e-6
+
+
+def _block_mean(vol: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
+    fk, fj, fi = f
+    if f == (1, 1, 1):
+        return vol.astype(np.float32, copy=False)
+    nk, nj, ni = vol.shape
+    pk, pj, pi = (-nk) % fk, (-nj) % fj, (-ni) % fi
+    v = np.pad(vol, ((0, pk), (0, pj), (0, pi)), mode="edge") if (pk or pj or pi) else vol
+    K, J, I_ = v.shape
+    return v.reshape(K // fk, fk, J // fj, fj, I_ // fi, fi).mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def _eig3(hxx: np.ndarray, hyy: np.ndarray, hzz: np.ndarray, hxy: np.ndarray, hxz: np.ndarray,
+          hyz: np.ndarray) -> np.ndarray:
+    """Eigenvalues (ascending) of symmetric 3x3 matrices given by their 6 entries (1-D arrays)."""
+    m = np.empty((hxx.size, 3, 3), dtype=np.float64)
+    m[:, 0, 0], m[:, 1, 1], m[:, 2, 2] = hxx, hyy, hzz
+    m[:, 0, 1] = m[:, 1, 0] = hxy
+    m[:, 0, 2] = m[:, 2, 0] = hxz
+    m[:, 1, 2] = m[:, 2, 1] = hyz
+    return np.linalg.eigvalsh(m)
+
+
+def _dot_from_eig(ev: np.ndarray) -> np.ndarray:
+    """Li's dot enhancement from ascending eigenvalues: |l3|^2/|l1| when all are negative."""
+    l1, l3 = ev[:, 0], ev[:, 2]  # l1 most negative, l3 closest to zero
+    out = np.where(l3 < 0, (l3 * l3) / np.maximum(-l1, 1e-6), 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# candidate search
+
+
+@dataclass
+class _Level:
+    vol: np.ndarray
+    mask: np.ndarray
+    spacing: tuple[float, float, float]  # (di, dj, dk)
+    offset: np.ndarray  # full-voxel index (i, j, k) of level voxel (0, 0, 0)
+    scale: np.ndarray  # full voxels per level voxel along (i, j, k)
+
+
+def _search_volume(series: Series, anat: Anatomy, paren: float) -> tuple[_Level, list[int]] | None:
+    g = anat.grid
+    closed = anat.masks["lungs_closed"]
+    bb = None
+    if closed.any():
+        from tools.anatomy import _bbox
+
+        bb = _bbox(closed)
+    if bb is None:
+        return None
+    full = g.full_box(bb)
+    di, dj, dk = (float(s) for s in series.spacing)
+    nk, nj, ni = series.shape
+    m = 8
+    i0, i1 = max(0, full[0] - int(m / di)), min(ni - 1, full[3] + int(m / di))
+    j0, j1 = max(0, full[1] - int(m / dj)), min(nj - 1, full[4] + int(m / dj))
+    k0, k1 = max(0, full[2] - int(m / dk)), min(nk - 1, full[5] + int(m / dk))
+    fi, fj, fk = (max(1, int(round(SEARCH_MM / s))) for s in (di, dj, dk))
+    sub = series.pixels[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1]
+    vol = _block_mean(sub, (fk, fj, fi))
+    # closed lung mask on the search grid (nearest working voxel of each search voxel's centre)
+    K, J, I_ = vol.shape
+    kk = k0 + np.arange(K) * fk + (fk - 1) // 2
+    jj = j0 + np.arange(J) * fj + (fj - 1) // 2
+    ii = i0 + np.arange(I_) * fi + (fi - 1) // 2
+    fk_, fj_, fi_ = g.factors
+    mask = closed[np.ix_(np.clip(kk // fk_, 0, g.shape[0] - 1), np.clip(jj // fj_, 0, g.shape[1] - 1),
+                         np.clip(ii // fi_, 0, g.shape[2] - 1))]
+    np.clip(vol, -1000.0, 250.0, out=vol)
+    vol[~mask] = paren
+    lvl = _Level(vol=vol, mask=mask, spacing=(di * fi, dj * fj, dk * fk),
+                 offset=np.array([i0 + (fi - 1) / 2.0, j0 + (fj - 1) / 2.0, k0 + (fk - 1) / 2.0]),
+                 scale=np.array([fi, fj, fk], dtype=float))
+    return lvl, [i0, j0, k0, i1, j1, k1]
+
+
+def _decimate(base: _Level, f: tuple[int, int, int]) -> _Level:
+    """f = (fi, fj, fk) integer decimation of the base level by block means."""
+    fi, fj, fk = f
+    vol = _block_mean(base.vol, (fk, fj, fi))
+    mask = _block_mean(base.mask.astype(np.float32), (fk, fj, fi)) > 0.5
+    sc = base.scale * np.array([fi, fj, fk])
+    off = base.offset + base.scale * (np.array([fi, fj, fk]) - 1) / 2.0
+    return _Level(vol=vol, mask=mask, spacing=(base.spacing[0] * fi, base.spacing[1] * fj, base.spacing[2] * fk),
+                  offset=off, scale=sc)
+
+
+def _candidates(base: _Level, notes: list[str]) -> list[dict[str, Any]]:
+    levels: dict[tuple[int, int, int], _Level] = {(1, 1, 1): base}
+    cands: list[dict[str, Any]] = []
+    for sigma in SIGMAS_MM:
+        f = tuple(max(1, 2 ** int(np.floor(np.log2(max(1.0, sigma / (1.5 * s)))))) for s in base.spacing)
+        if f not in levels:
+            levels[f] = _decimate(base, f)  # type: ignore[arg-type]
+        lv = levels[f]  # type: ignore[index]
+        if min(lv.vol.shape) < 3:
+            continue
+        sv = [sigma / s for s in (lv.spacing[2], lv.spacing[1], lv.spacing[0])]  # per axis k, j, i
+        sp = (lv.spacing[2], lv.spacing[1], lv.spacing[0])
+        norm = sigma * sigma
+
+        def d2(order: tuple[int, int, int]) -> np.ndarray:
+            out = ndi.gaussian_filter(lv.vol, sv, order=order, mode="nearest", truncate=3.0)
+            den = 1.0
+            for ax, o in enumerate(order):
+                den *= sp[ax] ** o
+            out *= norm / den
+            return out
+
+        hkk, hjj, hii = d2((2, 0, 0)), d2((0, 2, 0)), d2((0, 0, 2))
+        trace = hkk + hjj + hii
+        sel = lv.mask & (trace < -3.0 * DOT_THRESHOLD) & (hkk < 0) & (hjj < 0) & (hii < 0)
+        if not sel.any():
+            continue
+        idx = np.nonzero(sel)
+        hkj, hki, hji = d2((1, 1, 0)), d2((1, 0, 1)), d2((0, 1, 1))
+        ev = _eig3(hkk[idx], hjj[idx], hii[idx], hkj[idx], hki[idx], hji[idx])
+        dot = _dot_from_eig(ev)
+        resp = np.zeros(lv.vol.shape, dtype=np.float32)
+        resp[idx] = dot
+        peaks = (resp >= DOT_THRESHOLD) & (resp == ndi.maximum_filter(resp, size=3, mode="constant"))
+        pk = np.argwhere(peaks)
+        for k, j, i in pk:
+            full = lv.offset + lv.scale * np.array([i, j, k], dtype=float)
+            e = ev[np.searchsorted(np.ravel_multi_index(idx, lv.vol.shape),
+                                   np.ravel_multi_index((k, j, i), lv.vol.shape))]
+            cands.append({"ijk": full, "sigma": sigma, "resp": float(resp[k, j, i]),
+                          "blob": float(e[2] / min(e[0], -1e-6)),  # l3/l1 in (0, 1]
+                          "radius": sigma * SIGMA_TO_RADIUS})
+    cands.sort(key=lambda c: -c["resp"])
+    return cands
+
+
+def _nms(cands: list[dict[str, Any]], spacing: tuple[float, float, float]) -> list[dict[str, Any]]:
+    sp = np.asarray(spacing, dtype=float)
+    kept: list[dict[str, Any]] = []
+    pts: list[np.ndarray] = []
+    rads: list[float] = []
+    for c in cands:
+        p = c["ijk"] * sp
+        ok = True
+        for q, r in zip(pts, rads):
+            if np.linalg.norm(p - q) < 0.8 * max(r, c["radius"]):
+                ok = False
+                break
+        if ok:
+            kept.append(c)
+            pts.append(p)
+            rads.append(c["radius"])
+        if len(kept) >= MAX_CANDIDATES:
+            break
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# segmentation and measurement at full resolution
+
+
+def _roi_bounds(series: Series, center_ijk: np.ndarray, half_mm: float) -> tuple[slice, slice, slice]:
+    nk, nj, ni = series.shape
+    di, dj, dk = (float(s) for s in series.spacing)
+    c = np.round(center_ijk).astype(int)
+    hi_, hj, hk = (int(np.ceil(half_mm / s)) for s in (di, dj, dk))
+    return (slice(max(0, c[2] - hk), min(nk, c[2] + hk + 1)), slice(max(0, c[1] - hj), min(nj, c[1] + hj + 1)),
+            slice(max(0, c[0] - hi_), min(ni, c[0] + hi_ + 1)))
+
+
+def _axial_diameters(sl_mask: np.ndarray, weights: np.ndarray, di: float, dj: float) -> tuple[float, float]:
+    """Long (max Feret) and short (max width perpendicular) axial diameters of a 2-D mask, mm.
+
+    Uses the pixel-edge hull (each pixel as a square) corrected by the mean partial-volume border
+    so that a half-maximum mask of a disc of diameter d measures ~d.
+    """
+    jj, ii = np.nonzero(sl_mask)
+    if jj.size == 0:
+        return 0.0, 0.0
+    # corners of every pixel in mm
+    cj = np.concatenate([jj - 0.5, jj - 0.5, jj + 0.5, jj + 0.5]) * dj
+    ci = np.concatenate([ii - 0.5, ii + 0.5, ii - 0.5, ii + 0.5]) * di
+    pts = np.stack([ci, cj], axis=1)
+    if pts.shape[0] > 4:
+        try:
+            from scipy.spatial import ConvexHull
+
+            pts = pts[ConvexHull(pts).vertices]
+        except Exception:  # degenerate (a line of pixels)
+            pass
+    d = np.linalg.norm(pts[:, None, :] - pts[None, :, :], axis=-1)
+    a, b = np.unravel_index(int(np.argmax(d)), d.shape)
+    long_ = float(d[a, b])
+    u = (pts[b] - pts[a]) / max(long_, 1e-9)
+    perp = np.array([-u[1], u[0]])
+    proj = pts @ perp
+    short = float(proj.max() - proj.min())
+    return long_, short
+
+
+def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hint: float | None,
+             lung_closed_full: np.ndarray | None = None, roi_half_mm: float | None = None,
+             ) -> dict[str, Any] | None:
+    """Segment the blob near ``center_ijk`` (continuous i, j, k) and measure it. ``lung_closed_full``
+    is an optional callable-free mask sampler result: the coarse closed lung on the ROI."""
+    di, dj, dk = (float(s) for s in series.spacing)
+    sp_kji = (dk, dj, di)
+    r = float(np.clip(radius_mm, 1.5, 35.0))
+    half = roi_half_mm if roi_half_mm is not None else max(3.0 * r + 6.0, 14.0)
+    sk, sj, si = _roi_bounds(series, center_ijk, half)
+    roi = series.pixels[sk, sj, si].astype(np.float32)
+    if min(roi.shape) < 2:
+        return None
+    sigma_vox = [min(0.8, 0.6 / s) for s in sp_kji]
+    sm = ndi.gaussian_filter(roi, sigma_vox, mode="nearest")
+    c = np.array([center_ijk[2] - sk.start, center_ijk[1] - sj.start, center_ijk[0] - si.start])
+    ci = np.clip(np.round(c).astype(int), 0, np.array(roi.shape) - 1)
+    K, J, I_ = np.ogrid[:roi.shape[0], :roi.shape[1], :roi.shape[2]]
+    dist2 = ((K - c[0]) * dk) ** 2 + ((J - c[1]) * dj) ** 2 + ((I_ - c[2]) * di) ** 2
+    # core: robust peak near the centre
+    inner = dist2 <= max(0.5 * r, 1.2 * max(di, dj)) ** 2
+    core = float(np.percentile(sm[inner], 80)) if inner.any() else float(sm[tuple(ci)])
+    # the lung side of the pleura: local air closed with a rolling ball wider than the blob
+    air = sm < -400.0
+    if air.sum() < 0.05 * air.size:
+        return None
+    R = max(1.3 * r + 2.0, 6.0)
+    disk = _disk(R, series.spacing)
+    pad = max(disk.shape) // 2 + 1
+    lung = np.empty_like(air)
+    for k in range(air.shape[0]):
+        a = np.pad(air[k], pad, mode="edge")
+        cl = ndi.binary_closing(a, structure=disk)[pad:-pad, pad:-pad]
+        lung[k] = ndi.binary_fill_holes(cl) | air[k]
+    if lung_closed_full is not None and lung_closed_full.shape == lung.shape:
+        lung &= ndi.binary_dilation(lung_closed_full, iterations=2)
+    bg_vals = sm[air & lung & (dist2 > (1.5 * r) ** 2)]
+    if bg_vals.size < 20:
+        bg_vals = sm[air]
+    bg = float(np.median(bg_vals)) if bg_vals.size else (paren_hint if paren_hint is not None else -850.0)
+    contrast = core - bg
+    if contrast < 80.0:
+        return None
+    thr = bg + 0.5 * contrast
+    obj = (sm > thr) & lung
+    lab, n = ndi.label(obj)
+    if n == 0:
+        return None
+    cid = int(lab[tuple(ci)])
+    if cid == 0:
+        near = dist2 <= (0.6 * r + max(di, dj)) ** 2
+        ids = lab[near & (lab > 0)]
+        if ids.size == 0:
+            return None
+        cid = int(np.bincount(ids).argmax())
+    obj = lab == cid
+    raw_n = int(obj.sum())
+    # vessel detachment: open with a ball scaled to the blob, keep the centre component, and give
+    # back what the opening shaved off the nodule itself (a limited reconstruction)
+    final = obj
+    opened_frac = 1.0
+    for fr in (0.6, 0.4):
+        ro = fr * r
+        if ro < 1.05 * max(di, dj):
+            break
+        b = _ball(ro, series.spacing)
+        op = ndi.binary_opening(obj, structure=b)
+        lab2, n2 = ndi.label(op)
+        if n2 == 0:
+            continue
+        cid2 = int(lab2[tuple(ci)])
+        if cid2 == 0:
+            near = dist2 <= (0.6 * r + max(di, dj)) ** 2
+            ids = lab2[near & (lab2 > 0)]
+            if ids.size == 0:
+                continue
+            cid2 = int(np.bincount(ids).argmax())
+        corep = lab2 == cid2
+        if corep.sum() < 0.25 * (4.0 / 3.0 * np.pi * (0.5 * r) ** 3) / (di * dj * dk):
+            continue
+        final = obj & ndi.binary_dilation(corep, structure=_ball(ro + 0.5 * max(di, dj), series.spacing))
+        opened_frac = float(final.sum()) / max(raw_n, 1)
+        break
+    lab3, n3 = ndi.label(final)
+    if n3 > 1:
+        cid3 = int(lab3[tuple(ci)]) or int(np.bincount(lab3[lab3 > 0]).argmax())
+        final = lab3 == cid3
+    nvox = int(final.sum())
+    if nvox == 0:
+        return None
+    vox = di * dj * dk
+    # touching the ROI border = it runs on (vessel, chest wall, diaphragm)
+    border = np.zeros(final.shape, dtype=bool)
+    border[[0, -1], :, :] = True
+    border[:, [0, -1], :] = True
+    border[:, :, [0, -1]] = True
+    border_frac = float((final & border).sum()) / max(1, nvox)
+    kk, jj, ii = np.nonzero(final)
+    pts = np.stack([ii * di, jj * dj, kk * dk], axis=1)
+    cen = pts.mean(axis=0)
+    cov = np.cov((pts - cen).T) if nvox > 3 else np.eye(3)
+    cov = cov + np.diag([di * di, dj * dj, dk * dk]) / 12.0
+    ev = np.clip(np.linalg.eigvalsh(cov), 1e-6, None)
+    elong = float(np.sqrt(ev[-1] / ev[0]))
+    # partial-volume-aware volume: weights in a one-voxel shell around the mask
+    shell = ndi.binary_dilation(final) & ~final & ~(sm > thr)
+    w = np.clip((sm[shell] - bg) / max(contrast, 1e-6), 0.0, 1.0)
+    inside_w = np.clip((sm[final] - bg) / max(contrast, 1e-6), 0.0, 1.0)
+    vol_hm = nvox * vox
+    vol_pv = float(inside_w.sum() + w.sum()) * vox
+    volume = 0.5 * (vol_hm + vol_pv)
+    # best axial slice: largest area
+    areas = final.sum(axis=(1, 2))
+    kbest = int(np.argmax(areas))
+    long_, short = _axial_diameters(final[kbest], sm[kbest], di, dj)
+    # pixel-edge hull over-measures by ~ one pixel minus the partial-volume border: correct by the
+    # area-equivalent check (an ellipse with these axes has area pi/4 * L * S)
+    area = float(areas[kbest]) * di * dj
+    if long_ > 0 and short > 0:
+        k_corr = np.sqrt(area / (np.pi / 4.0 * long_ * short))
+        k_corr = float(np.clip(k_corr, 0.8, 1.0))
+        long_ *= k_corr
+        short *= k_corr
+    mean_d = 0.5 * (long_ + short)
+    eq_d = float((6.0 * volume / np.pi) ** (1.0 / 3.0))
+    vals = roi[final]
+    mean_hu = float(vals.mean())
+    solid_frac = float((sm[final] > -250.0).mean())
+    if core < -300.0 and solid_frac < 0.15:
+        att = "ground-glass"
+    elif solid_frac < 0.6 and core > -300 and float(np.percentile(sm[final], 20)) < -450:
+        att = "part-solid"
+    else:
+        att = "solid" if core >= -300.0 else "ground-glass"
+    box = [int(ii.min() + si.start), int(jj.min() + sj.start), int(kk.min() + sk.start),
+           int(ii.max() + si.start), int(jj.max() + sj.start), int(kk.max() + sk.start)]
+    center_ijk_out = np.array([cen[0] / di + si.start, cen[1] / dj + sj.start, cen[2] / dk + sk.start])
+    lung_frac = float(lung[final].mean())
+    return {
+        "center_ijk": center_ijk_out, "bbox_vox": box, "nvox": nvox, "volume": volume, "eq_d": eq_d,
+        "long": long_, "short": short, "mean_d": mean_d, "slice_index": kbest + sk.start,
+        "elong": elong, "border_frac": border_frac, "opened_frac": opened_frac, "core": core, "bg": bg,
+        "contrast": contrast, "mean_hu": mean_hu, "attenuation": att, "lung_frac": lung_frac,
+        "raw_n": raw_n, "extent_mm": float(np.sqrt(ev[-1]) * np.sqrt(20.0)),
+    }
+
+
+def _confidence(seg: dict[str, Any], cand: dict[str, Any]) -> float:
+    """0-1 plausibility that a segmented blob is a nodule (not a vessel, wall or noise)."""
+    s = 1.0
+    el = seg["elong"]
+    s *= float(np.clip(1.0 - (el - 1.6) / 1.4, 0.0, 1.0))  # 1.6 -> 1, 3.0 -> 0
+    s *= float(np.clip(1.0 - seg["border_frac"] * 8.0, 0.0, 1.0))
+    d = seg["mean_d"]
+    s *= float(np.clip((d - 2.5) / 2.0, 0.0, 1.0))
+    s *= float(np.clip((seg["contrast"] - 100.0) / 150.0, 0.0, 1.0))
+    blob = cand.get("blob", 0.5)
+    s *= float(np.clip(0.4 + blob, 0.0, 1.0))
+    # the detected scale should agree with the segmented size (a vessel's segment runs long)
+    ratio = seg["eq_d"] / max(2.0 * cand.get("radius", seg["eq_d"] / 2.0), 1e-6)
+    s *= float(np.clip(1.0 - (ratio - 2.2) / 1.5, 0.0, 1.0))
+    return float(np.clip(s, 0.0, 1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _paren_hu(anat: Anatomy) -> float:
+    if anat.work_hu is None:
+        return -850.0
+    lungs = anat.mask("lungs")
+    v = anat.work_hu[lungs]
+    v = v[v < -500]
+    return float(np.median(v)) if v.size else -850.0
+
+
+def _to_finding(series: Series, anat: Anatomy | None, seg: dict[str, Any], conf: float, fid: str) -> Finding:
+    center_mm = series.vox_to_mm(seg["center_ijk"])
+    side: str | None = None
+    zone: str | None = None
+    region = None
+    if anat is not None:
+        region = region_at(anat, center_mm, lung_snap_mm=max(8.0, 0.6 * seg["mean_d"] + 4.0))
+        reg = vocab.BY_NAME.get(region)
+        if reg is not None and reg.kind == "zone":
+            side, zone = reg.side, reg.zone
+    d = seg["mean_d"]
+    kind = "mass" if d >= MASS_MM else "nodule"
+    notes: list[str] = []
+    return Finding(
+        id=fid, kind=kind, label=f"{seg['attenuation']} {kind}", region=region, side=side, zone=zone,  # type: ignore[arg-type]
+        center_mm=[round(float(v), 2) for v in center_mm], bbox_mm=series.box_vox_to_mm(seg["bbox_vox"]),
+        bbox_vox=[int(v) for v in seg["bbox_vox"]], diameter_mm=round(d, 1), long_axis_mm=round(seg["long"], 1),
+        short_axis_mm=round(seg["short"], 1), volume_mm3=round(seg["volume"], 1), attenuation=seg["attenuation"],
+        mean_hu=round(seg["mean_hu"], 1), series_uid=series.series_uid, slice_index=int(seg["slice_index"]),
+        confidence=round(conf, 3), notes=notes,
+    )
+
+
+def _check_volume(series: Series) -> None:
+    if series.modality != "CT":
+        raise UnsupportedError(f"Lesion detection on {series.modality or 'this'} images is not supported for this "
+                               "modality yet (chest CT only).")
+    if not series.spacing_known:
+        raise UnsupportedError("The pixel spacing of this CT is unknown, so nothing can be measured in mm.")
+    nk = series.shape[0]
+    if nk < 8 or nk * float(series.spacing[2]) < 40.0:
+        what = "a single slice" if nk == 1 else f"only {nk} slices ({nk * float(series.spacing[2]):.0f} mm)"
+        raise UnsupportedError(f"This CT series is {what}: 3-D nodule detection needs a chest volume.")
+
+
+def _analyze(series: Series) -> SeriesAnalysis:
+    t0 = time.time()
+    _check_volume(series)
+    anat = segment_anatomy(series)
+    notes = list(anat.notes)
+    paren = _paren_hu(anat)
+    sv = _search_volume(series, anat, paren)
+    if sv is None:
+        return SeriesAnalysis(anatomy=anat, nodules=[], runtime_s=time.time() - t0, notes=notes + ["No lungs."])
+    base, _ = sv
+    cands = _nms(_candidates(base, notes), series.spacing)
+    t1 = time.time()
+    scored: list[dict[str, Any]] = []
+    g = anat.grid
+    closed = anat.masks["lungs_closed"]
+    for c in cands:
+        r = c["radius"]
+        half = max(3.0 * r + 6.0, 14.0)
+        sk, sj, si = _roi_bounds(series, c["ijk"], half)
+        lung_roi = g.roi_from_full(closed, sk.start, sk.stop, sj.start, sj.stop, si.start, si.stop)
+        seg = _segment(series, c["ijk"], r, paren, lung_roi, half)
+        if seg is None or seg["mean_d"] < MIN_DIAMETER_MM * 0.8:
+            continue
+        conf = _confidence(seg, c)
+        scored.append({"cand": c, "seg": seg, "conf": conf})
+    # merge duplicates: a candidate whose centre lies inside a stronger one's box
+    scored.sort(key=lambda s: -s["conf"])
+    kept: list[dict[str, Any]] = []
+    for s in scored:
+        cc = s["seg"]["center_ijk"]
+        dup = False
+        for k in kept:
+            b = k["seg"]["bbox_vox"]
+            if all(b[a] - 0.5 <= cc[a] <= b[a + 3] + 0.5 for a in range(3)):
+                dup = True
+                break
+        if not dup:
+            kept.append(s)
+    good = [s for s in kept if s["conf"] >= MIN_CONFIDENCE and s["seg"]["mean_d"] >= MIN_DIAMETER_MM]
+    good.sort(key=lambda s: -s["seg"]["mean_d"])
+    nodules = [_to_finding(series, anat, s["seg"], s["conf"], f"F{n + 1}") for n, s in enumerate(good)]
+    rt = time.time() - t0
+    log.info("analysis %s: %d candidates, %d scored, %d nodules, %.1fs (segmentation %.1fs)",
+             series.series_uid[-8:], len(cands), len(scored), len(nodules), rt, time.time() - t1)
+    return SeriesAnalysis(anatomy=anat, nodules=nodules, runtime_s=rt, notes=notes, candidates=kept)
+
+
+def analyze_series(series: Series) -> SeriesAnalysis:
+    """Anatomy + nodules of a CT series, cached per series uid."""
+    _check_volume(series)
+    return CACHE.get_or_compute(f"analysis:{series.series_uid}", lambda: _analyze(series))
+
+
+def measure_at(series: Series, center_mm: list[float], analysis: SeriesAnalysis | None = None,
+               roi_mm: float = 40.0) -> Finding | None:
+    """Segment and measure the nodule nearest ``center_mm`` within an ROI of ``roi_mm`` (cheap)."""
+    if series.modality != "CT" or series.shape[0] < 3:
+        return None
+    c = series.mm_to_vox(np.asarray(center_mm, dtype=float))
+    half = roi_mm / 2.0
+    sk, sj, si = _roi_bounds(series, c, half)
+    roi = series.pixels[sk, sj, si].astype(np.float32)
+    if min(roi.shape) < 3:
+        return None
+    di, dj, dk = (float(s) for s in series.spacing)
+    # the blob nearest the point: dot filter over a few scales on the ROI
+    best: tuple[float, np.ndarray, float] | None = None
+    sp = (dk, dj, di)
+    cl = np.clip(roi, -1000.0, 250.0)
+    c_roi = np.array([c[2] - sk.start, c[1] - sj.start, c[0] - si.start])
+    K, J, I_ = np.ogrid[:roi.shape[0], :roi.shape[1], :roi.shape[2]]
+    dist2 = ((K - c_roi[0]) * dk) ** 2 + ((J - c_roi[1]) * dj) ** 2 + ((I_ - c_roi[2]) * di) ** 2
+    for sigma in SIGMAS_MM:
+        rad = sigma * SIGMA_TO_RADIUS
+        if rad > half * 0.8:
+            break
+        sv = [sigma / s for s in sp]
+        h = {}
+        for name, order in (("kk", (2, 0, 0)), ("jj", (0, 2, 0)), ("ii", (0, 0, 2)), ("kj", (1, 1, 0)),
+                            ("ki", (1, 0, 1)), ("ji", (0, 1, 1))):
+            den = 1.0
+            for ax, o in enumerate(order):
+                den *= sp[ax] ** o
+            h[name] = ndi.gaussian_filter(cl, sv, order=order, mode="nearest") * (sigma * sigma / den)
+        near = dist2 <= max(rad, 4.0) ** 2
+        idx = np.nonzero(near)
+        ev = _eig3(h["kk"][idx], h["jj"][idx], h["ii"][idx], h["kj"][idx], h["ki"][idx], h["ji"][idx])
+        dot = _dot_from_eig(ev)
+        # prefer strong blobs close to the point
+        score = dot * np.exp(-dist2[idx] / (2.0 * max(rad, 4.0) ** 2))
+        m = int(np.argmax(score))
+        if dot[m] <= 0:
+            continue
+        if best is None or score[m] > best[0]:
+            pos = np.array([idx[2][m] + si.start, idx[1][m] + sj.start, idx[0][m] + sk.start], dtype=float)
+            best = (float(score[m]), pos, rad)
+    if best is None:
+        return None
+    _, pos, rad = best
+    lung_roi = None
+    if analysis is not None:
+        h2 = max(3.0 * rad + 6.0, 14.0)
+        s2 = _roi_bounds(series, pos, h2)
+        lung_roi = analysis.anatomy.grid.roi_from_full(analysis.anatomy.masks["lungs_closed"], s2[0].start,
+                                                       s2[0].stop, s2[1].start, s2[1].stop, s2[2].start, s2[2].stop)
+    paren = _paren_hu(analysis.anatomy) if analysis is not None else None
+    seg = _segment(series, pos, rad, paren, lung_roi)
+    if seg is None:
+        return None
+    conf = _confidence(seg, {"radius": rad, "blob": 0.6})
+    anat = analysis.anatomy if analysis is not None else None
+    return _to_finding(series, anat, seg, conf, "M1")
+
+
+# ----------------------------------------------------------------------------------------------
+# requests
+
+
+def _anatomy_finding(info: RegionInfo, n: int, series: Series) -> Finding:
+    reg = vocab.BY_NAME.get(info.name)
+    c = np.asarray(info.centroid_mm, dtype=float)
+    k = int(round(float(series.mm_to_vox(c)[2])))
+    k = int(np.clip(k, 0, series.shape[0] - 1))
+    return Finding(id=f"A{n}", kind="anatomy", label=info.name, region=info.name,
+                   side=reg.side if reg else None, zone=reg.zone if reg else None,  # type: ignore[arg-type]
+                   center_mm=[round(float(v), 1) for v in c], bbox_mm=info.bbox_mm, bbox_vox=info.bbox_vox,
+                   volume_mm3=round(info.volume_ml * 1000.0, 0), series_uid=series.series_uid, slice_index=k)
+
+
+def _size_text(f: Finding) -> str:
+    if f.diameter_mm is None:
+        return ""
+    t = f"{f.diameter_mm:.1f} mm"
+    if f.long_axis_mm is not None and f.short_axis_mm is not None:
+        t += f" ({f.long_axis_mm:.1f} x {f.short_axis_mm:.1f} mm"
+        if f.volume_mm3:
+            t += f", {f.volume_mm3:.0f} mm3"
+        t += ")"
+    return t
+
+
+def _lesion_sentence(f: Finding) -> str:
+    att = f"{f.attenuation} " if f.attenuation else ""
+    return f"{f.id}: {att}{f.kind}, {_size_text(f)}, {f.region or 'lung'} (slice {(f.slice_index or 0) + 1})"
+
+
+def _box_overlap(anat: Anatomy, series: Series, box_mm: list[float]) -> list[tuple[str, float, float]]:
+    """(region, fraction of the box it fills, fraction of the region inside the box) per region."""
+    g = anat.grid
+    b = np.asarray(box_mm, dtype=float)
+    corners = np.array([[x, y, z] for x in (b[0], b[3]) for y in (b[1], b[4]) for z in (b[2], b[5])])
+    v = g.mm_to_vox(corners)
+    lo = np.clip(np.floor(v.min(0) + 0.5).astype(int), 0, np.array(g.shape[::-1]) - 1)
+    hi = np.clip(np.floor(v.max(0) + 0.5).astype(int), 0, np.array(g.shape[::-1]) - 1)
+    sub = anat.labels[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+    if sub.size == 0:
+        return []
+    out: list[tuple[str, float, float]] = []
+    names = ["right upper zone", "right middle zone", "right lower zone", "left upper zone", "left middle zone",
+             "left lower zone", "trachea", "right main bronchus", "left main bronchus", "heart", "aorta",
+             "mediastinum", "spine", "ribs", "body"]
+    from tools.anatomy import REGION_LABELS
+
+    for name in names:
+        labs = (13,) if name == "mediastinum" else ((1,) if name == "body" else REGION_LABELS[name])
+        m = np.isin(sub, labs)
+        cnt = int(m.sum())
+        if cnt == 0:
+            continue
+        tot = int(np.isin(anat.labels, labs).sum())
+        out.append((name, cnt / sub.size, cnt / max(tot, 1)))
+    out.sort(key=lambda t: -t[1])
+    return out
+
+
+def run_detector(study: Study, req: DetectRequest) -> DetectResult:
+    """Answer a detection / anatomy / description request on the study's primary series."""
+    series = study.primary
+    notes: list[str] = []
+    if series.modality != "CT":
+        raise UnsupportedError(
+            f"Lesion detection and anatomy on {series.modality or 'these'} images are not supported for this "
+            "modality yet; the detector works on chest CT volumes.")
+    try:
+        analysis = analyze_series(series)
+    except UnsupportedError as e:
+        nk = series.shape[0]
+        msg = str(e)
+        if nk < 8:
+            note = ("This CT is a single slice: 3-D nodule detection needs a volume." if nk == 1 else
+                    f"This CT has only {nk} slices: 3-D nodule detection needs a volume.")
+            return DetectResult(findings=[], evidence=[], summary=note, measured=[], notes=[note, msg])
+        raise
+    anat = analysis.anatomy
+    notes += analysis.notes
+    regions = [r for r in req.regions if r]
+    unknown = [r for r in regions if r not in vocab.BY_NAME]
+    if unknown:
+        notes.append("Unknown region(s) ignored: " + ", ".join(unknown))
+        regions = [r for r in regions if r in vocab.BY_NAME]
+    lesions = [f.model_copy(update={"study_uid": study.study_uid}) for f in analysis.nodules]
+    kind = req.lesion_kind
+    if kind == "mass":
+        lesions_k = [f for f in lesions if f.kind == "mass"]
+    else:
+        lesions_k = lesions
+    findings: list[Finding] = []
+    evidence: list[Evidence] = []
+    lines: list[str] = []
+    measured = ["long and short axial diameter and their mean (Lung-RADS), volume (mm3), mean HU"]
+    word = {"mass": "mass", "opacity": "opacity", "nodule": "nodule"}.get(kind or "nodule", "nodule")
+
+    if req.box_mm is not None:
+        ov = _box_overlap(anat, series, req.box_mm)
+        b = req.box_mm
+        inside = [f for f in lesions_k if f.center_mm is not None and all(
+            b[a] <= f.center_mm[a] <= b[a + 3] for a in range(3))]
+        parts = [f"{n} ({100 * fb:.0f}% of the box)" for n, fb, _ in ov if fb >= 0.01]
+        lines.append("The box covers " + (", ".join(parts) if parts else "no segmented structure") + ".")
+        if inside:
+            lines.append("Inside it: " + "; ".join(_lesion_sentence(f) for f in inside) + ".")
+        else:
+            lines.append(f"No {word} found inside the box.")
+        n = 0
+        for name, fb, _ in ov:
+            if fb >= 0.01 and name in anat.regions:
+                n += 1
+                findings.append(_anatomy_finding(anat.regions[name], n, series).model_copy(
+                    update={"study_uid": study.study_uid, "notes": [f"fills {100 * fb:.0f}% of the box"]}))
+        findings = inside + findings
+    elif req.want in ("anatomy", "describe"):
+        names = regions or [n for n in ("body", "lungs", "right lung", "left lung", "right upper zone",
+                                        "right middle zone", "right lower zone", "left upper zone",
+                                        "left middle zone", "left lower zone", "trachea", "right main bronchus",
+                                        "left main bronchus", "heart", "aorta", "mediastinum", "spine", "ribs")]
+        n = 0
+        for name in names:
+            info = anat.regions.get(name)
+            if info is None:
+                lines.append(f"The {name} was not found on this scan.")
+                continue
+            n += 1
+            findings.append(_anatomy_finding(info, n, series).model_copy(update={"study_uid": study.study_uid}))
+            bb = info.bbox_mm
+            lines.append(f"{name}: {info.volume_ml:.0f} ml, extent {bb[3] - bb[0]:.0f} x {bb[4] - bb[1]:.0f} x "
+                         f"{bb[5] - bb[2]:.0f} mm (x, y, z).")
+            if req.want == "describe":
+                inside = [f for f in lesions_k if f.region and vocab.contains(name, f.region)]
+                if inside:
+                    lines.append("  Lesions there: " + "; ".join(_lesion_sentence(f) for f in inside) + ".")
+                    findings += [f for f in inside if f not in findings]
+                elif vocab.contains("lungs", name) or name in ("lungs", "body"):
+                    lines.append(f"  No {word} found in the {name}.")
+        measured = ["region boxes (mm, LPS) and volumes (ml)"]
+    else:
+        if regions:
+            for name in regions:
+                inside = [f for f in lesions_k if f.region and vocab.contains(name, f.region)]
+                if inside:
+                    lines.append(f"In the {name}: " + "; ".join(_lesion_sentence(f) for f in inside) + ".")
+                    findings += [f for f in inside if f not in findings]
+                else:
+                    lines.append(f"No {word} found in the {name}.")
+        else:
+            findings = list(lesions_k)
+            if findings:
+                lines.append(f"{len(findings)} lesion{'s' if len(findings) != 1 else ''} found: "
+                             + "; ".join(_lesion_sentence(f) for f in findings) + ".")
+            else:
+                lines.append(f"No {word} found in the lungs.")
+        if kind == "nodule":
+            masses = [f for f in findings if f.kind == "mass"]
+            if masses:
+                notes.append("Lesions of 30 mm or more are reported as masses.")
+    if req.evidence_dir is not None:
+        evidence = _evidence(series, findings, anat, Path(req.evidence_dir))
+    summary = "\n".join(lines)
+    return DetectResult(findings=findings, evidence=evidence, summary=summary, measured=measured, notes=notes)
+
+
+def _evidence(series: Series, findings: list[Finding], anat: Anatomy, outdir: Path) -> list[Evidence]:
+    from tools.render import render_finding, render_overview, window_for
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    ev: list[Evidence] = []
+    uid = series.series_uid[-8:].replace(".", "_")
+    for f in findings[:8]:
+        p = outdir / f"{uid}_{f.id}.png"
+        try:
+            ev.append(render_finding(series, f, p, window=window_for(f), others=findings))
+        except Exception as e:  # evidence must never break the answer
+            log.warning("could not render %s: %s", f.id, e)
+    if findings:
+        p = outdir / f"{uid}_overview.png"
+        try:
+            lm = None
+            ev.append(render_overview(series, findings, p, lung_mask=lm))
+        except Exception as e:
+            log.warning("could not render the overview: %s", e)
+    return ev
