@@ -54,7 +54,7 @@ def compose(question: str, plan: dict[str, Any], results: list[dict[str, Any]], 
             continue
         if r.get("summary"):
             parts.append(r["summary"] if r["status"] == "done" else f"{r['title']}: {r['summary']}")
-    notes = [n for r in results for n in r.get("notes", [])]
+    notes = list(plan.get("notes") or []) + [n for r in results for n in r.get("notes", [])]
     measured = sorted({m for r in results for m in r.get("measured", [])})
 
     if verification:

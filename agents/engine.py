@@ -8,6 +8,7 @@ optional ``on_step`` callback while they run.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -52,10 +53,14 @@ class Consultant:
     def _planner_from_config(self) -> Planner:
         rc = self.config["orchestrator"]
         if rc.backend == "openai":
-            from agents.planner import ChatModelPlanner
+            from agents.planner import ChatModelPlanner, StructuredOutputPlanner
             from models.openai_backend import OpenAIChatModel
 
-            return ChatModelPlanner(OpenAIChatModel.from_config(rc), label=rc.label())
+            model = OpenAIChatModel.from_config(rc)
+            # "tools": native tool calling (vLLM with --tool-call-parser); "json": schema-constrained output
+            if str(rc.extra.get("planning", os.environ.get("RADASSIST_ORCHESTRATOR_PLANNING", "tools"))) == "json":
+                return StructuredOutputPlanner(model, label=rc.label())
+            return ChatModelPlanner(model, label=rc.label())
         return EmbeddedPlanner()
 
     # -- studies -------------------------------------------------------------------------------------

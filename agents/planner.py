@@ -69,7 +69,8 @@ class ChatModelPlanner:
             reply = self.model.invoke(msgs)
         except Exception as exc:  # noqa: BLE001 - a served model failure falls back to the router
             log.warning("planner model failed (%s); using the embedded router", type(exc).__name__)
-            fallback.scores["fallback"] = 1.0
+            fallback.notes.append(f"The served orchestrator ({self.name}) did not answer; the embedded router "
+                                  "chose the tools for this turn.")
             return fallback
         calls: list[ToolCall] = []
         for tc in getattr(reply, "tool_calls", None) or []:
@@ -92,3 +93,60 @@ class ChatModelPlanner:
         return Plan(calls, intents, regions or fallback.regions, approximate=fallback.approximate,
                     lesion_kind=next((c.args.get("lesion_kind") for c in calls if c.args.get("lesion_kind")),
                                      fallback.lesion_kind))
+
+
+def plan_schema() -> dict[str, Any]:
+    """JSON schema for planning by structured output (for servers without tool calling)."""
+    return {
+        "type": "object",
+        "properties": {
+            "tools": {"type": "array", "items": {"type": "string", "enum": list(TOOLS)}},
+            "regions": {"type": "array", "items": {"type": "string", "enum": [r.name for r in vocab.REGIONS]}},
+            "lesion_kind": {"type": "string", "enum": ["nodule", "mass", "opacity", "none"]},
+            "out_of_scope": {"type": "boolean"},
+        },
+        "required": ["tools", "regions", "out_of_scope"],
+    }
+
+
+class StructuredOutputPlanner:
+    """Plans with a served LLM constrained to a JSON schema (``response_format``); validated, with fallback."""
+
+    def __init__(self, model: Any, label: str = "chat-model") -> None:
+        self.model = model.model_copy(update={"response_format": {"type": "json_object", "schema": plan_schema()}})
+        self.name = label
+
+    def plan(self, question: str, context: dict[str, Any], history: list[BaseMessage]) -> Plan:
+        fallback = route(question, context)
+        prompt = (SYSTEM + " Answer with JSON only: the tools to call (" + ", ".join(TOOLS) + "), the regions "
+                  "named, the lesion kind, and out_of_scope. Context: " + json.dumps(
+                      {k: context.get(k) for k in ("last_intents", "last_regions")}))
+        try:
+            reply = self.model.invoke([SystemMessage(prompt), HumanMessage(question)])
+            data = json.loads(str(reply.content))
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except Exception as exc:  # noqa: BLE001 - unusable structured output falls back to the router
+            log.warning("structured planning failed (%s); using the embedded router", type(exc).__name__)
+            fallback.notes.append(f"The served orchestrator ({self.name}) did not give a usable plan; the embedded "
+                                  "router chose the tools for this turn.")
+            return fallback
+        tools = [t for t in data.get("tools", []) if t in TOOLS]
+        regions = [r for r in data.get("regions", []) if r in vocab.BY_NAME]
+        lesion = data.get("lesion_kind") if data.get("lesion_kind") in ("nodule", "mass", "opacity") else None
+        if data.get("out_of_scope") and not tools:
+            if fallback.calls:
+                return fallback
+            return Plan([], ["out_of_scope"], [], reply="That is outside what I can help with here. " + CAPABILITIES)
+        if not tools:
+            return fallback
+        calls = []
+        for t in dict.fromkeys(tools):
+            args: dict[str, Any] = {}
+            if t == "detector":
+                args = {"regions": regions, "lesion_kind": lesion, "want": "lesions" if lesion or not regions
+                        else "describe"}
+            elif t == "comparer":
+                args = {"regions": regions}
+            calls.append(ToolCall(t, validate_args(t, args).model_dump()))
+        return Plan(calls, tools, regions, approximate=fallback.approximate, lesion_kind=lesion)

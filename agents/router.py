@@ -125,13 +125,14 @@ class Plan:
     reply: str | None = None  # set for help / out-of-scope: answer without tools
     followup: bool = False
     scores: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "calls": [{"tool": c.tool, "args": c.args} for c in self.calls],
             "intents": self.intents, "regions": self.regions, "approximate": self.approximate,
             "lesion_kind": self.lesion_kind, "reply": self.reply, "followup": self.followup,
-            "scores": {k: round(v, 3) for k, v in self.scores.items()},
+            "scores": {k: round(v, 3) for k, v in self.scores.items()}, "notes": self.notes,
         }
 
 

@@ -116,3 +116,32 @@ def embedder() -> Any:
     from models.minilm import get_minilm
 
     return get_minilm()
+
+
+def doctor_report(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """What each role will use and why: configured servers are probed (GET /health, GET /v1/models)."""
+    from models.openai_backend import probe
+
+    cfg = load_config(path)
+    rows: list[dict[str, Any]] = []
+    for role, rc in cfg.items():
+        if rc.backend == "embedded":
+            rows.append({"role": role, "uses": f"embedded:{EMBEDDED_NAMES[role]}",
+                         "why": "no server configured for this role (default; runs on the CPU, no download)"})
+        elif rc.backend == "openai":
+            p = probe(rc.url, timeout_s=min(rc.timeout_s, 5.0))
+            if p["healthy"] and (rc.model in p["models"] or not p["models"]):
+                rows.append({"role": role, "uses": rc.label(), "why": f"server at {rc.url} is up and serves it"})
+            elif p["healthy"]:
+                rows.append({"role": role, "uses": f"embedded:{EMBEDDED_NAMES[role]}",
+                             "why": f"server at {rc.url} is up but does not serve '{rc.model}' "
+                                    f"(serves: {', '.join(p['models'])}); falling back"})
+            else:
+                rows.append({"role": role, "uses": f"embedded:{EMBEDDED_NAMES[role]}",
+                             "why": f"server at {rc.url} is not answering ({p.get('error', 'down')}); falling back"})
+        else:
+            ok = Path(rc.path).is_dir()
+            rows.append({"role": role, "uses": rc.label() if ok else f"embedded:{EMBEDDED_NAMES[role]}",
+                         "why": "local weights folder found" if ok else f"weights folder {rc.path} missing; "
+                                                                         "falling back"})
+    return rows

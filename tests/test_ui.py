@@ -144,7 +144,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     demo.launch(prevent_thread_lock=True, server_port=port, server_name="127.0.0.1", quiet=True,
                 allowed_paths=[str(home / "evidence")])
     try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        # download_files=False: keep the answer's evidence dicts ({"path": ...}) as the server sent them
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
         yield {"client": client, "consultant": consultant, "imported": imported, "port": port}
     finally:
         demo.close()
@@ -172,19 +173,6 @@ def test_studies_endpoint_lists_newest_first_with_pseudonyms(served: dict[str, A
     assert prior[0][1] == ui_app.AUTO_PRIOR and studies[1]["label"] in prior[0][0]
 
 
-def test_chat_endpoint_streams_steps_and_answer(served: dict[str, Any]) -> None:
-    uid = _current_uid(served) if served["imported"] else None
-    job = served["client"].submit("Show me all pulmonary nodules", [], uid, "auto", api_name="/chat")
-    final = job.result(timeout=150)
-    history = final[0]
-    steps = [m for m in history if (m.get("metadata") or {}).get("title")]
-    assert any("detector" in m["metadata"]["title"].lower() for m in steps)
-    assert all(m["metadata"].get("status") == "done" for m in steps)
-    assert history[-1]["role"] == "assistant" and not history[-1].get("metadata")
-    assert "Decision support" in _text(history[-1]) or _text(history[-1])
-    assert len(job.outputs()) >= 3  # user echo, step updates, answer: it streamed
-
-
 @pytest.mark.skipif(not (HAVE_PHANTOM and HAVE_DETECTOR), reason="tools.phantom / tools.detector not available yet")
 def test_ask_endpoint_nodules_and_follow_up(served: dict[str, Any]) -> None:
     client = served["client"]
@@ -195,9 +183,32 @@ def test_ask_endpoint_nodules_and_follow_up(served: dict[str, Any]) -> None:
     assert nodules and all(f["diameter_mm"] for f in nodules)
     images = [e for e in ans["evidence"] if e["kind"] == "image"]
     assert images and all(Path(e["path"]).is_file() for e in images)
+    # narrow down, then a follow-up with a pronoun on the same thread (no study given: the thread's)
+    rul = client.predict("Is there a nodule in the right upper lobe?", "", "ui-thread-1", api_name="/ask")
+    rul_lesions = [f for f in rul["findings"] if f["kind"] != "anatomy"]
+    rul_ids = {f["id"] for f in rul_lesions}
+    assert rul_ids and all(f["zone"] == "upper" and f["side"] == "right" for f in rul_lesions)
     follow = client.predict("how big is it?", "", "ui-thread-1", api_name="/ask")
-    assert follow["thread_id"] == "ui-thread-1"
-    assert "mm" in follow["answer"]
+    assert follow["thread_id"] == "ui-thread-1" and "mm" in follow["answer"]
+    follow_ids = {f["id"] for f in follow["findings"] if f["kind"] != "anatomy"}
+    assert follow_ids and follow_ids <= rul_ids
+
+
+def test_chat_endpoint_streams_steps_and_answer(served: dict[str, Any]) -> None:
+    # runs after the /ask test, so on the demo patient the analysis is cached and the turn is quick
+    uid = _current_uid(served) if served["imported"] else None
+    job = served["client"].submit("Is there a nodule in the right upper lobe?", [], uid, "auto", api_name="/chat")
+    final = job.result(timeout=150)
+    history = final[0]
+    steps = [m for m in history if (m.get("metadata") or {}).get("title")]
+    assert any("detector" in m["metadata"]["title"].lower() for m in steps)
+    assert all(m["metadata"].get("status") == "done" for m in steps)
+    assert history[-1]["role"] == "assistant" and not history[-1].get("metadata")
+    assert "Decision support" in _text(history[-1])
+    assert len(job.outputs()) >= 3  # user echo, step updates, answer: it streamed
+    if served["imported"]:
+        gallery, findings = final[2], final[4]
+        assert gallery and findings["data"] and findings["data"][0][0].startswith("F")
 
 
 def test_bad_upload_shows_clear_error_and_session_continues(served: dict[str, Any], tmp_path: Path) -> None:

@@ -1,42 +1,52 @@
 """Synthetic chest-CT patients: a PRIOR and a CURRENT study written as real DICOM, with exact truth.
 
 The phantom is the ground truth for the nodule detector, the anatomy boxes and the longitudinal
-comparer (unit tests, demo, benchmark). Everything is deterministic given ``seed``.
+comparer (unit tests, demo, benchmark). Everything is deterministic given ``seed``; the patient
+(anatomy, trees, nodules) does not depend on ``size``, only the scanner grid does.
+
+Public API: :func:`write_patient` (DICOM + ``truth.json``), :func:`make_study_arrays` (one study in
+memory), :func:`render_study` (the same plus the label and lung masks; codes in :data:`LABELS`).
 
 The patient is built once, analytically, in a *body frame* (LPS mm, x to the patient's left,
 y posterior, z head-ward; origin at the carina):
 
-- body: an elliptical cross-section varying along z with a flat back (supine), subcutaneous fat
-  (-100 HU) over muscle (~45 HU); a thoracic cavity inside the rib cage (kidney-shaped);
-- lungs (~-850 HU with a gravity gradient and a smooth texture): apices narrow (paraboloid caps),
+- body: an elliptical cross-section varying along z with a flat back (supine) resting on a curved
+  table (shells ~220 HU around foam), subcutaneous fat (-100 HU) over muscle (~45 HU), a thoracic
+  cavity inside the rib cage (kidney-shaped, narrowing to the thoracic inlet);
+- lungs (~-850 HU, varying between the two studies as inspiration does, with a gravity gradient,
+  a smooth texture and sometimes a posterior dependent density): apices narrow (paraboloid caps),
   widening to the bases; two diaphragm domes (the right higher) with deep costophrenic recesses;
   the medial borders are carved by the mediastinal structures (cardiac notch on the left);
 - trachea (air, ~2 mm wall) bifurcating at the carina into the right (short, steep) and left
-  (long, horizontal) main bronchi, then intrapulmonary airway trees;
+  (long, horizontal) main bronchi, then intrapulmonary airway trees (thin walls, air lumen);
 - heart (ellipsoid ~40 HU in pericardial fat) sitting on the diaphragm, anterior-left; aorta
-  (ascending, arch, descending), pulmonary trunk and arteries, SVC, great vessels, esophagus;
+  (ascending, arch, descending), pulmonary trunk and arteries, SVC, great vessels, esophagus
+  (sometimes with air);
 - spine (vertebral bodies with cortex and discs, canal, posterior elements, kyphosis), 12 pairs of
   ribs following the chest wall and descending anteriorly, costal cartilages, sternum, clavicles,
-  scapulae; liver/spleen below the domes and sometimes a gastric air bubble;
-- pulmonary arterial and venous trees grown from the hila (tapering tubes, Murray's law,
-  asymmetric branching, 1-10 mm diameter, thousands of segments, many running cranio-caudally and
-  seen end-on: the classic false positives);
-- nodules (3-7 by default): spheres/ellipsoids, sometimes lobulated or spiculated, solid or
-  ground-glass, at least one juxtapleural (centre on the costal pleura, half embedded) and one
-  juxtavascular (touching a 2-7 mm vessel) when there are three or more; fates between the
-  studies: grew, shrank, stable, new, resolved.
+  scapulae; liver/spleen below the domes and, in about half the seeds, a gastric air bubble;
+- pulmonary arterial and venous trees grown from the hila by space colonisation (radii by a pipe
+  model from ~10 mm at the hila to <1 mm, >10 000 segments, crossing each other, many running
+  cranio-caudally and seen end-on: the classic false positives), plus 0-2 linear scars;
+- nodules (3-7 by default): ellipsoids (axial axes differing by up to 28 %), sometimes lobulated or
+  spiculated, solid (20..60 HU) or ground-glass (-550..-350 HU, ~1 in 5), at least one juxtapleural
+  (centre on the costal pleura, half embedded in the chest wall) and one juxtavascular (touching a
+  2-7 mm vessel) when there are three or more, >= 8 mm apart; fates between the studies: grew
+  (+2..6 mm), shrank (-2..4 mm), stable (+-0.4 mm), new, resolved.
 
-Each study is the same body seen through a different rigid pose (translation up to 10 mm per axis
-of the anatomy, rotation up to 5 degrees about z and 2.5 about x/y), a different field of view,
+Each study is the same body seen through a different rigid pose (the anatomy moves up to 10 mm per
+axis at the carina and rotates up to 5 degrees about z and 2.5 about x/y), a different field of view,
 pixel spacing, slice spacing and slice count; the scanner stays axial. Voxels are rendered with a
-partial-volume ramp, blurred by a PSF and given correlated Gaussian noise (one seed in about four
-is low-dose). The DICOM files store HU + 1024 as signed int16 with RescaleIntercept -1024; the
-instance numbers of the current study run head to foot (reverse of the spatial order), and file
-names are shuffled in both.
+partial-volume ramp, blurred by a PSF (and the slice profile) and given correlated Gaussian noise
+(sigma 15-30 HU; one seed in about four is low-dose, 40-50 HU). The DICOM files store HU + 1024 as
+signed int16 with RescaleIntercept -1024; the instance numbers of the current study run head to
+foot (reverse of the spatial order) and file names are shuffled in both studies.
 
 Truth (``truth.json``) gives, in EACH study's own patient frame: the anatomy boxes of every region
-of :mod:`tools.vocab` (exact, from the rasterised masks), each nodule's centre, Lung-RADS axial
-diameters (from the analytic shape), volume and box, and the prior-to-current rigid transform.
+of :mod:`tools.vocab` (exact: voxel extents of the rasterised masks, +-half a voxel; lung zones are
+craniocaudal thirds of that lung's own extent), each nodule's centre, Lung-RADS axial diameters
+(mean of the analytic long and short axes), volume and box, and the prior-to-current rigid
+transform (4x4, LPS mm to LPS mm; 6 decimals, other floats 0.01).
 """
 from __future__ import annotations
 
@@ -63,7 +73,7 @@ LABELS: dict[str, int] = {
     "outside": 0, "soft_tissue": 1, "mediastinal_fat": 2, "heart": 3, "aorta": 4, "great_vessel": 5,
     "trachea": 6, "right_main_bronchus": 7, "left_main_bronchus": 8, "esophagus": 9, "lung": 10,
     "pulmonary_vessel": 11, "airway": 12, "nodule": 13, "spine": 14, "rib": 15, "other_bone": 16,
-    "cartilage": 17, "table": 18, "abdomen": 19, "gas": 20, "spicule": 21,
+    "cartilage": 17, "table": 18, "abdomen": 19, "gas": 20, "spicule": 21, "scar": 22,
 }
 L = LABELS
 
@@ -367,7 +377,7 @@ class _Anatomy:
         pleural_sd = np.maximum(np.maximum(cav_sd, dia), cap_sd)
         lung_sd = np.maximum(pleural_sd, slab_sd)
         return {"depth": depth, "tf": tf, "cav_sd": cav_sd, "dia_sd": dia, "cap_sd": cap_sd, "slab_sd": slab_sd,
-                "pleural_sd": pleural_sd, "lung_sd": lung_sd, "right": right}
+                "pleural_sd": pleural_sd, "lung_sd": lung_sd, "right": right, "yv": yv}
 
 
 def _build_anatomy(seed: int) -> _Anatomy:
@@ -883,7 +893,7 @@ class _Canvas:
             above = f["dia_sd"] < 0
             lab = np.where(body, np.uint8(L["soft_tissue"]), np.uint8(L["outside"]))
             lab[cav & ~above & body] = L["abdomen"]
-            medreg = cav & above & (f["slab_sd"] >= 0) & body
+            medreg = cav & above & (f["slab_sd"] >= 0) & body & (y < f["yv"] - F32(10 * an.s))  # front of the spine
             lab[medreg] = L["mediastinal_fat"]
             lab[lung] = L["lung"]
             self.label[sl] = lab
@@ -1026,9 +1036,7 @@ def _colonize(roots: list[tuple[np.ndarray, np.ndarray, float, int]], lmap: _Lun
         ndir = _unit(g)
         newp = P[grow] + step * ndir
         dq, sq = lmap.lookup(newp)
-        ok = (dq > 0.5) | (np.linalg.norm(newp - P[grow], axis=1) < 0)  # inside the lung
-        ok &= sq == node_side[grow]
-        ok |= root_of[grow] < 0  # never
+        ok = (dq > 0.5) & (sq == node_side[grow])  # stays inside its own lung
         stuck = (last_dir[grow] * ndir).sum(1) > 0.995
         ok &= ~stuck
         bad = grow[~ok]
@@ -1282,6 +1290,25 @@ def _place_nodules(an: _Anatomy, lmap: _LungMap, vessels: _Tree, airways: _Tree,
     return nods, vessels.subset(keep)
 
 
+def _place_scars(lmap: _LungMap, nods: list[_Nodule], rng: np.random.Generator) -> list[tuple[_Ellipsoid, float]]:
+    """0-2 linear scars (thin plates, -250..-50 HU): elongated non-nodular opacities, hard negatives."""
+    out: list[tuple[_Ellipsoid, float]] = []
+    pts = lmap.points()
+    d, _ = lmap.lookup(pts)
+    cand = pts[d >= 14.0]
+    for _ in range(int(rng.integers(0, 3))):
+        for _try in range(200):
+            c = cand[int(rng.integers(len(cand)))]
+            if all(np.linalg.norm(c - n.center) > n.r_bound() + 18.0 for n in nods):
+                break
+        else:
+            continue
+        rot = _frame_from_axis(rng.standard_normal(3), rng.standard_normal(3))
+        axes = np.array([rng.uniform(0.8, 1.4), rng.uniform(10, 20), rng.uniform(5, 11)])
+        out.append((_Ellipsoid(c, axes, rot), float(rng.uniform(-250, -50))))
+    return out
+
+
 def _grad(fn: Any, c: np.ndarray, h: float = 0.5) -> np.ndarray:
     e = np.eye(3) * h
     p = np.vstack([c + e, c - e])
@@ -1301,6 +1328,7 @@ class _Patient:
     nodules: list[_Nodule]
     meta: dict[str, Any]
     poses: dict[str, tuple[np.ndarray, np.ndarray]]
+    scars: list[tuple[_Ellipsoid, float]] = field(default_factory=list)
 
 
 _DIGITS = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine")
@@ -1336,6 +1364,7 @@ def _build_patient(seed: int, n_nodules: int | None = None) -> _Patient:
         raise ValueError("n_nodules must be between 0 and 12")
     nods = _nodule_specs(rng, n)
     nods, vessels = _place_nodules(an, lmap, vessels, airways, nods, rng)
+    scars = _place_scars(lmap, nods, _rng(seed, _STREAM_NODULES, 1))
     # poses: body frame -> each study's patient frame (the anatomy moves, the scanner stays axial)
     pr = _rng(seed, _STREAM_POSE)
     rp = _rot_xyz(pr.uniform(-1, 1), pr.uniform(-1, 1), pr.uniform(-2, 2))
@@ -1363,7 +1392,7 @@ def _build_patient(seed: int, n_nodules: int | None = None) -> _Patient:
     }
     log.debug("phantom patient %d built in %.2fs (%d vessel, %d airway segments, %d nodules)", seed,
               time.perf_counter() - t0, len(vessels), len(airways), len(nods))
-    return _Patient(seed, an, st, lmap, vessels, airways, nods, meta, poses)
+    return _Patient(seed, an, st, lmap, vessels, airways, nods, meta, poses, scars)
 
 
 @dataclass
@@ -1492,6 +1521,8 @@ def _render(pt: _Patient, plan: _Plan) -> tuple[np.ndarray, _Canvas, dict[str, l
     cv.paint_capsules(aw, HU_AIR, None, (L["airway"],), shrink=np.maximum(0.5, 0.18 * aw.ra))
     cv.paint_capsules(pt.vessels, HU_BLOOD, L["pulmonary_vessel"],
                       (L["mediastinal_fat"], L["lung"], L["pulmonary_vessel"], L["airway"]))
+    for prim, hu_scar in pt.scars:
+        cv.paint(_Job(prim, hu_scar, L["scar"], mode="max", allow=(L["lung"], L["pulmonary_vessel"], L["scar"])))
     boxes: dict[str, list[int] | None] = {}
     allow_nod = (L["mediastinal_fat"], L["lung"], L["pulmonary_vessel"], L["airway"], L["nodule"], L["spicule"])
     for nod in pt.nodules:
@@ -1500,13 +1531,13 @@ def _render(pt: _Patient, plan: _Plan) -> tuple[np.ndarray, _Canvas, dict[str, l
             continue
         ggo = nod.attenuation == "ground-glass"
         boxes[nod.id] = cv.paint(_Job(nod.prim(d), nod.hu, L["nodule"], mode="max" if ggo else "alpha",
-                                      clip="pleural", allow=allow_nod))
+                                      allow=allow_nod))
         scale = d / nod.d_max()
         for u, length in nod.spicules:
             r0 = float(nod.prim(d).radius_along(u[None, :])[0])
             a = nod.center + u * r0 * 0.85
             b = a + u * length * scale
-            cv.paint(_Job(_Capsule(a, b, 0.8, 0.25), 30.0, L["spicule"], clip="pleural",
+            cv.paint(_Job(_Capsule(a, b, 0.8, 0.25), 30.0, L["spicule"],
                           allow=(L["lung"], L["pulmonary_vessel"], L["spicule"])))
     for job in st["bones"] + st["abdomen"]:
         cv.paint(job)
@@ -1836,6 +1867,8 @@ def write_patient(outdir: str | Path, seed: int = 0, size: str = "small", n_nodu
         "interval_days": pt.meta["interval_days"], "studies": studies,
         "nodules": [_nodule_entry(n, per_nod[n.id]) for n in pt.nodules],
         "transform": {"prior_to_current": _transform(pt)},
+        "mimics": [{"kind": "scar", **{w: {"center_mm": _r2(plans[w].rot @ prim.c + plans[w].trans)} for w in WHICH}}
+                   for prim, _hu in pt.scars],
         "notes": ["coordinates are LPS mm in each study's own patient frame",
                   "diameter_mm is the Lung-RADS mean of the analytic long and short axial axes",
                   "juxtapleural nodules are centred on the costal pleura (half of the shape lies in the chest wall)"],

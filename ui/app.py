@@ -14,6 +14,10 @@ API endpoints (for scripts and tests, through ``gradio_client``):
 - ``/chat``: the streaming chat handler (history grows with the tool steps, then the answer);
 - ``/upload``: import uploaded files into the store and select the study;
 - ``/studies``: the store's studies as a list of dicts.
+
+Scripts should connect with ``gradio_client.Client(url, download_files=False)``: otherwise the client
+takes every dict with a ``"path"`` key (the answer's evidence entries) for a file, downloads it and puts
+a local path string in its place.
 """
 from __future__ import annotations
 

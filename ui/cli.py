@@ -106,6 +106,18 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(a: argparse.Namespace) -> int:
+    from models.registry import doctor_report
+
+    rows = doctor_report()
+    if a.json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+    else:
+        for r in rows:
+            sys.stdout.write(f"{r['role']:13} {r['uses']:45} {r['why']}\n")
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from agents.bench import run_bench
 
@@ -159,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--auth", help="users file (user:sha256-hash lines); required beyond localhost")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("doctor", help="show which model each role uses and why (probes configured servers)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_doctor)
 
     s = sub.add_parser("bench", help="run the phantom benchmark and print a table")
     s.add_argument("--seeds", type=int, nargs="*", default=[1000, 1001, 1002, 1003])
