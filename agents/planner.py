@@ -128,8 +128,9 @@ class StructuredOutputPlanner:
                 raise ValueError("not an object")
         except Exception as exc:  # noqa: BLE001 - unusable structured output falls back to the router
             log.warning("structured planning failed (%s); using the embedded router", type(exc).__name__)
-            fallback.notes.append(f"The served orchestrator ({self.name}) did not give a usable plan; the embedded "
-                                  "router chose the tools for this turn.")
+            what = "did not answer" if isinstance(exc, ConnectionError) else "did not give a usable plan"
+            fallback.notes.append(f"The served orchestrator ({self.name}) {what}; the embedded router chose the "
+                                  "tools for this turn.")
             return fallback
         tools = [t for t in data.get("tools", []) if t in TOOLS]
         regions = [r for r in data.get("regions", []) if r in vocab.BY_NAME]

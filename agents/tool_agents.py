@@ -70,7 +70,15 @@ def report_agent(args: ReportArgs, ctx: dict[str, Any]) -> dict[str, Any]:
 
     current = cached_study(ctx["study"]["path"])
     prior = cached_study(ctx["prior"]["path"]) if ctx.get("prior") and args.include_comparison else None
-    res = write_report(current, prior, ReportRequest(out_dir=Path(ctx["evidence_dir"])))
+    from models.registry import load_config
+
+    rc = load_config()["rewriter"]
+    rewriter = None
+    if rc.backend == "openai":
+        from models.openai_backend import make_rewriter
+
+        rewriter = make_rewriter(rc)
+    res = write_report(current, prior, ReportRequest(out_dir=Path(ctx["evidence_dir"]), rewriter=rewriter))
     return _out("report_writer", summary=res.summary, findings=_dump(res.findings), evidence=_dump(res.evidence),
                 measured=["every number in the report is checked against the measured findings"],
                 notes=list(res.notes), report=res.report.model_dump(mode="json"))

@@ -122,3 +122,20 @@ def probe(url: str, timeout_s: float = 3.0) -> dict[str, Any]:
     except (httpx.HTTPError, ValueError) as exc:
         out["error"] = type(exc).__name__
     return out
+
+
+REWRITE_PROMPT = (
+    "Rewrite the radiology report sentence below for fluency in plain clinical English. Keep every number, unit, "
+    "finding id (like F1) and side (right/left) exactly as written. Return only the sentence."
+)
+
+
+def make_rewriter(rc: RoleConfig) -> Any:
+    """A sentence rewriter on the served model (only report sentences, never identifiers, are sent)."""
+    model = OpenAIChatModel.from_config(rc)
+
+    def rewrite(text: str) -> str:
+        reply = model.invoke([SystemMessage(REWRITE_PROMPT), HumanMessage(text)])
+        return str(reply.content).strip().strip('"')
+
+    return rewrite

@@ -255,10 +255,13 @@ def _close_slices(mask: np.ndarray, radius_mm: float, spacing: tuple[float, floa
     for k in range(mask.shape[0]):
         if not mask[k].any():
             continue
-        p = np.pad(mask[k], pad)
+        jj = np.flatnonzero(mask[k].any(axis=1))
+        ii = np.flatnonzero(mask[k].any(axis=0))
+        j0, j1, i0, i1 = jj[0], jj[-1] + 1, ii[0], ii[-1] + 1
+        p = np.pad(mask[k, j0:j1, i0:i1], pad)
         dil = ndi.distance_transform_edt(~p, sampling=(dj, di)) <= radius_mm
         clo = ndi.distance_transform_edt(dil, sampling=(dj, di)) > radius_mm
-        out[k] = clo[pad:-pad, pad:-pad] | mask[k]
+        out[k, j0:j1, i0:i1] = clo[pad:-pad, pad:-pad] | mask[k, j0:j1, i0:i1]
     return out
 
 
@@ -270,6 +273,33 @@ def _open_edt(mask: np.ndarray, radius_mm: float, spacing_kji: tuple[float, floa
     if not er.any():
         return er
     return (ndi.distance_transform_edt(~er, sampling=spacing_kji) <= radius_mm) & mask
+
+
+def _dilate_mm(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
+    """3-D dilation by a ball of ``radius_mm`` via a distance transform on the mask's padded box."""
+    bb = _bbox(mask)
+    if bb is None:
+        return np.zeros_like(mask, dtype=bool)
+    di, dj, dk = spacing
+    pk, pj, pi = (int(np.ceil(radius_mm / s)) + 1 for s in (dk, dj, di))
+    sl = (slice(max(0, bb[2] - pk), bb[5] + pk + 1), slice(max(0, bb[1] - pj), bb[4] + pj + 1),
+          slice(max(0, bb[0] - pi), bb[3] + pi + 1))
+    out = np.zeros_like(mask, dtype=bool)
+    sub = mask[sl]
+    st = [max(1, int(radius_mm / (4.0 * s))) for s in (dk, dj, di)]  # coarse steps for big radii
+    if max(st) > 1:
+        # any-pooling onto a coarser grid, distance there, then back (a slight over-dilation)
+        shp = sub.shape
+        pads = [(0, (-n) % f) for n, f in zip(shp, st)]
+        p = np.pad(sub, pads)
+        c = p.reshape(p.shape[0] // st[0], st[0], p.shape[1] // st[1], st[1], p.shape[2] // st[2],
+                      st[2]).any(axis=(1, 3, 5))
+        dc = ndi.distance_transform_edt(~c, sampling=(dk * st[0], dj * st[1], di * st[2])) <= radius_mm + 1e-6
+        up = dc.repeat(st[0], 0).repeat(st[1], 1).repeat(st[2], 2)[: shp[0], : shp[1], : shp[2]]
+        out[sl] = up
+        return out
+    out[sl] = ndi.distance_transform_edt(~sub, sampling=(dk, dj, di)) <= radius_mm + 1e-6
+    return out
 
 
 def _bbox(mask: np.ndarray) -> list[int] | None:
@@ -308,7 +338,7 @@ def _body(work: np.ndarray, grid: Grid) -> np.ndarray:
     m = work > -500.0
     m = ndi.binary_opening(m, structure=_ball(3.0, grid.spacing))  # cut the table and blankets off
     body = _largest(m)
-    body = ndi.binary_dilation(body, structure=_ball(3.0, grid.spacing)) & (work > -500.0)
+    body = _dilate_mm(body, 3.0, grid.spacing) & (work > -500.0)
     return _fill_slices(body)
 
 
@@ -526,20 +556,18 @@ def _bones(work: np.ndarray, sm: np.ndarray, body: np.ndarray, lungs: np.ndarray
         lab, n = ndi.label(bone[k])
         if n == 0:
             continue
-        best, best_a = 0, 0
-        for c in range(1, n + 1):
-            cm = lab == c
-            a = int(cm.sum())
-            if a <= best_a:
-                continue
-            cx, cy = float(xb[k][cm].mean()), float(yb[k][cm].mean())
-            if abs(cx - body_cx) < 60.0 and cy > y_post:
-                best, best_a = c, a
-        if best:
-            cm = lab == best
-            info["cx"][k] = float(xb[k][cm].mean())
-            info["cy"][k] = float(yb[k][cm].mean())
-            info["front"][k] = float(yb[k][cm].min())
+        idx = np.arange(1, n + 1)
+        area = ndi.sum(np.ones_like(lab), lab, idx)
+        cxs = ndi.mean(xb[k], lab, idx)
+        cys = ndi.mean(yb[k], lab, idx)
+        ok_c = (np.abs(cxs - body_cx) < 60.0) & (cys > y_post)
+        if not ok_c.any():
+            continue
+        c = int(np.argmax(np.where(ok_c, area, -1)))
+        cm = lab == c + 1
+        info["cx"][k] = float(cxs[c])
+        info["cy"][k] = float(cys[c])
+        info["front"][k] = float(yb[k][cm].min())
     ok = np.isfinite(info["cx"])
     if ok.sum() < 3:
         return spine, bone, info
@@ -566,11 +594,11 @@ def _bones(work: np.ndarray, sm: np.ndarray, body: np.ndarray, lungs: np.ndarray
     rest = bone & ~ndi.binary_dilation(spine, structure=np.ones((1, 3, 3), bool)) & cortical
     ribs = np.zeros_like(bone)
     if rest.any() and lungs.any():
-        dist = ndi.distance_transform_edt(~lungs, sampling=(grid.spacing[2], grid.spacing[1], grid.spacing[0]))
+        near = _dilate_mm(lungs, 20.0, grid.spacing)
         lab, n = ndi.label(rest)
         if n:
             idx = np.arange(1, n + 1)
-            med = ndi.median(dist, lab, idx)
+            med = 20.0 + 1.0 - 2.0 * ndi.mean(near, lab, idx)  # <= 20 when most of it lies near the lungs
             cxs = ndi.mean(np.broadcast_to(xb, rest.shape), lab, idx)
             cys = ndi.mean(np.broadcast_to(yb, rest.shape), lab, idx)
             sizes = _sizes(lab)[1:]
@@ -658,7 +686,7 @@ def _heart(sm: np.ndarray, cav: np.ndarray, bone: np.ndarray, grid: Grid, zb: np
             h2 = np.zeros_like(soft)
             h2[sl2] = np.isin(lab2, ids[ids > 0])
             h = h2
-    h = ndi.binary_dilation(h, structure=_ball(2.5, grid.spacing)) & tissue
+    h = _dilate_mm(h, 2.5, grid.spacing) & tissue
     # the great vessels leave the heart's base through a narrower neck: cut above the first slice
     # (over the widest one) whose area falls under 30 % of the widest
     area = h.sum(axis=(1, 2))
@@ -759,7 +787,7 @@ def _aorta(fsm: np.ndarray, fgrid: Grid, spine_info: dict[str, np.ndarray], wgri
         jj, ii = np.nonzero(cand)
         for j, i in zip(jj, ii):
             x, y = xs[i], ys[j]
-            if not (sx - 15.0 <= x <= sx + 60.0 and sf - 45.0 <= y <= sf + 10.0):
+            if not (sx - 10.0 <= x <= sx + 55.0 and sf - 30.0 <= y <= sf + 10.0):
                 continue
             if heart_f[k, j, i]:
                 continue
@@ -768,7 +796,7 @@ def _aorta(fsm: np.ndarray, fgrid: Grid, spine_info: dict[str, np.ndarray], wgri
             rr = ((J_ - j) * dj) ** 2 + ((I_ - i) * di) ** 2
             ring = (rr > (r + 1.0) ** 2) & (rr <= (1.35 * r + 2.0) ** 2)
             ring_free = 1.0 - float(soft[k][ring].mean()) if ring.any() else 0.0
-            score = r + 12.0 * ring_free - 0.15 * np.hypot(x - (sx + 25.0), y - (sf - 5.0))
+            score = r + 12.0 * ring_free - 0.3 * np.hypot(x - (sx + 25.0), y - (sf - 2.0))
             if best is None or score > best[0]:
                 best = (score, k, np.array([j, i], dtype=float), r)
     if best is None:
@@ -932,7 +960,7 @@ def segment_anatomy(series: Series) -> Anatomy:
             main_airway |= _to_grid(fine[nm], fgrid, grid)
 
     # --- lungs
-    lungs_raw = air & ~ndi.binary_dilation(main_airway, structure=_ball(2.5, grid.spacing))
+    lungs_raw = air & ~_dilate_mm(main_airway, 2.5, grid.spacing)
     lab, n = ndi.label(lungs_raw)
     sizes = _sizes(lab)
     keep = sizes >= 0.05 * sizes.max()
@@ -943,10 +971,6 @@ def segment_anatomy(series: Series) -> Anatomy:
     right = _fill_slices(right, max_px) & ~main_airway
     left = _fill_slices(left, max_px) & ~main_airway & ~right
     lungs = right | left
-    # closed lungs for the detector: a rolling ball brings juxtapleural nodules and hilar vessels in
-    closed = (_fill_slices(_close_slices(right, 15.0, grid.spacing), max_px)
-              | _fill_slices(_close_slices(left, 15.0, grid.spacing), max_px)) & body
-    closed &= ~ndi.binary_dilation(main_airway, structure=_ball(2.0, grid.spacing))
 
     # --- bones
     spine, ribs, spine_info = _bones(work, sm, body, lungs, grid, xb, yb)
@@ -994,6 +1018,17 @@ def segment_anatomy(series: Series) -> Anatomy:
     med &= in_lung_z[:, None, None]
     med &= ~lungs & ~spine & ~ribs
 
+    # closed lungs for the detector: a rolling ball brings juxtapleural nodules in; what it adds next
+    # to the mediastinum (hilar vessels, the heart's notch) stays out
+    closed = (_fill_slices(_close_slices(right, 15.0, grid.spacing), max_px)
+              | _fill_slices(_close_slices(left, 15.0, grid.spacing), max_px)) & body
+    added = closed & ~lungs
+    # (the paravertebral gutters behind the vertebral bodies' front are costal pleura: kept)
+    front = spine_info["front"] if np.isfinite(spine_info["front"]).all() else np.full(work.shape[0], np.inf)
+    hilar = med & (yb < front[:, None, None])
+    near_med = _dilate_mm(hilar | heart | aorta | main_airway, 8.0, grid.spacing)
+    closed = lungs | (added & ~near_med)
+
     # --- labels
     labels = np.zeros(work.shape, dtype=np.uint8)
     labels[body] = 1
@@ -1033,7 +1068,7 @@ def segment_anatomy(series: Series) -> Anatomy:
             sl = (slice(max(0, bb[2] - pad), bb[5] + pad + 1), slice(max(0, bb[1] - pad), bb[4] + pad + 1),
                   slice(max(0, bb[0] - pad), bb[3] + pad + 1))
             sub = np.zeros(m.shape, dtype=bool)
-            sub[sl] = ndi.binary_dilation(m[sl], structure=_ball(AIRWAY_WALL_MM, fgrid.spacing))
+            sub[sl] = _dilate_mm(m[sl], AIRWAY_WALL_MM, fgrid.spacing)
             info = _info(name, sub, fgrid, series)
         elif name == "aorta" and fgrid is not None and aorta_f.shape == (fsm.shape if fsm is not None else ()):
             info = _info(name, aorta_f, fgrid, series)

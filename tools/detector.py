@@ -110,7 +110,7 @@ def _disk(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
 def _block_mean(vol: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
     fk, fj, fi = f
     if f == (1, 1, 1):
-        return vol.astype(np.float32, copy=False)
+        return np.array(vol, dtype=np.float32, copy=True)  # never a view: callers write into it
     nk, nj, ni = vol.shape
     pk, pj, pi = (-nk) % fk, (-nj) % fj, (-ni) % fi
     v = np.pad(vol, ((0, pk), (0, pj), (0, pi)), mode="edge") if (pk or pj or pi) else vol
@@ -327,7 +327,8 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
     dist2 = ((K - c[0]) * dk) ** 2 + ((J - c[1]) * dj) ** 2 + ((I_ - c[2]) * di) ** 2
     # core: robust peak near the centre
     inner = dist2 <= max(0.5 * r, 1.2 * max(di, dj)) ** 2
-    core = float(np.percentile(sm[inner], 80)) if inner.any() else float(sm[tuple(ci)])
+    smc = np.minimum(sm, 150.0)  # a rib next to a juxtapleural nodule must not set its core
+    core = float(np.percentile(smc[inner], 80)) if inner.any() else float(smc[tuple(ci)])
     # the lung side of the pleura: local air closed with a rolling ball wider than the blob
     air = sm < -400.0
     if air.sum() < 0.05 * air.size:
@@ -444,7 +445,36 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
            int(ii.max() + si.start), int(jj.max() + sj.start), int(kk.max() + sk.start)]
     center_ijk_out = np.array([cen[0] / di + si.start, cen[1] / dj + sj.start, cen[2] / dk + sk.start])
     lung_frac = float(lung[final].mean())
+    # contact with the chest wall (outside the lung side of the pleura): juxtapleural
+    bnd = ndi.binary_dilation(final) & ~final
+    wall = bnd & ~lung
+    wall_frac = float(wall.sum()) / max(1, int(bnd.sum()))
+    # branches leaving a shell around the blob (vessels run through it, a nodule does not)
+    K2 = (K * dk - cen[2]) ** 2 + (J * dj - cen[1]) ** 2 + (I_ * di - cen[0]) ** 2
+    R = 0.5 * eq_d + max(2.5, 0.3 * eq_d)
+    th = max(di, dj, dk)
+    shell = (K2 >= R * R) & (K2 < (R + th) ** 2)
+    cross = obj & shell & lung
+    shell_ratio = float(cross.sum()) * vox / th / (np.pi * (0.5 * eq_d) ** 2)
+    n_branch = int(ndi.label(cross, structure=np.ones((3, 3, 3), bool))[1]) if cross.any() else 0
+    juxta = wall_frac >= 0.12
+    if juxta:
+        # a nodule cut by the pleura: fit a sphere to its free (lung-facing) surface
+        free = bnd & lung & ~(sm > thr)
+        fk, fj, fi = np.nonzero(free)
+        if fk.size >= 12:
+            P = np.stack([fi * di, fj * dj, fk * dk], axis=1)
+            A = np.concatenate([2.0 * P, np.ones((P.shape[0], 1))], axis=1)
+            sol, *_ = np.linalg.lstsq(A, (P ** 2).sum(axis=1), rcond=None)
+            r_fit = float(np.sqrt(max(sol[3] + float(sol[:3] @ sol[:3]), 0.0)))
+            d_fit = 2.0 * r_fit - 0.5 * (di + dj)  # outer boundary voxels sit half a voxel out
+            if mean_d < d_fit <= 2.2 * max(mean_d, 1.0) and d_fit <= 1.6 * long_ + 2.0 * max(di, dj):
+                long_ = max(long_, d_fit)
+                short = max(short, 2.0 * d_fit - long_)
+                mean_d = 0.5 * (long_ + short)
+                volume = max(volume, np.pi / 6.0 * d_fit ** 3)
     return {
+        "wall_frac": wall_frac, "shell_ratio": shell_ratio, "n_branch": n_branch, "juxtapleural": juxta,
         "center_ijk": center_ijk_out, "bbox_vox": box, "nvox": nvox, "volume": volume, "eq_d": eq_d,
         "long": long_, "short": short, "mean_d": mean_d, "slice_index": kbest + sk.start,
         "elong": elong, "border_frac": border_frac, "opened_frac": opened_frac, "core": core, "bg": bg,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def lung_rads(f: Finding) -> str:
 class ReportRequest:
     out_dir: Path | None = None
     formats: tuple[str, ...] = ("md", "txt")
+    # served path: a function that rewrites one sentence for fluency (an LLM); every rewrite is number-checked
+    rewriter: Callable[[str], str] | None = None
 
 
 @dataclass
@@ -184,7 +187,12 @@ def write_report(current: Study, prior: Study | None, req: ReportRequest | None 
     add("impression", LUNG_RADS_MANAGEMENT[overall] + " Stated as guideline wording; the reading radiologist decides.",
         [f.id for f in lesions if cats[f.id] == overall])
 
-    check_numbers(sentences, lesions + resolved, extra_numbers=_allowed_numbers(current, prior, series, comparison_text))
+    allowed = _allowed_numbers(current, prior, series, comparison_text)
+    check_numbers(sentences, lesions + resolved, extra_numbers=allowed)
+    if req.rewriter is not None:
+        sentences, stats = rewrite_sentences(sentences, lesions + resolved, allowed, req.rewriter)
+        notes.append(f"Wording rewritten by the served model: {stats['accepted']} sentence(s) accepted, "
+                     f"{stats['rejected']} rejected by the number check and kept as written.")
     sections = {}
     for s in sentences:
         sections[s.section] = (sections.get(s.section, "") + " " + s.text).strip()
@@ -227,6 +235,7 @@ def to_text(r: Report) -> str:
 
 
 _NUM = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)")
+_FID = re.compile(r"\b([FR]\d+)\b")
 
 
 def _allowed_numbers(current: Study, prior: Study | None, series, comparison_text: str) -> set[str]:
@@ -241,6 +250,44 @@ def _allowed_numbers(current: Study, prior: Study | None, series, comparison_tex
         allowed |= set(_NUM.findall(prior.date_str))
     allowed |= {"1", "2", "3", "4", "6", "8", "12", "15", "30"}  # Lung-RADS wording and categories
     return allowed
+
+
+REWRITE_SECTIONS = ("findings", "impression")  # never send dates or header text out
+
+
+def rewrite_sentences(sentences: list[ReportSentence], findings: list[Finding], allowed: set[str],
+                      rewrite: Callable[[str], str]) -> tuple[list[ReportSentence], dict[str, int]]:
+    """Let a model reword sentences; a rewrite that changes a number or a side is rejected."""
+    out: list[ReportSentence] = []
+    stats = {"accepted": 0, "rejected": 0, "failed": 0}
+    for s in sentences:
+        if s.section not in REWRITE_SECTIONS:
+            out.append(s)
+            continue
+        try:
+            new = (rewrite(s.text) or "").strip()
+        except Exception as exc:  # noqa: BLE001 - a failed rewrite keeps the checked original
+            log.info("rewrite failed (%s); keeping the original sentence", type(exc).__name__)
+            stats["failed"] += 1
+            out.append(s)
+            continue
+        cand = s.model_copy(update={"text": new})
+        try:
+            if not new:
+                raise ToolError("empty rewrite")
+            check_numbers([cand], findings, allowed)
+            if sorted(set(_NUM.findall(new))) != sorted(set(_NUM.findall(s.text))):
+                raise ToolError("numbers dropped or added")
+            if set(_FID.findall(new)) != set(_FID.findall(s.text)):
+                raise ToolError("finding ids changed")
+        except ToolError as exc:
+            log.info("rewrite rejected: %s", str(exc)[:120])
+            stats["rejected"] += 1
+            out.append(s)
+            continue
+        stats["accepted"] += 1
+        out.append(cand)
+    return out, stats
 
 
 def check_numbers(sentences: list[ReportSentence], findings: list[Finding], extra_numbers: set[str]) -> None:
@@ -272,6 +319,10 @@ def check_numbers(sentences: list[ReportSentence], findings: list[Finding], extr
             if f.side:
                 sides.add(f.side)
         allowed.add(str(len([f for f in findings if f.change and f.change.status == "resolved"])))
+        cited = set(_FID.findall(s.text)) - set(s.finding_ids)
+        if cited:
+            raise ToolError(f"Report check failed: “{s.text}” names {', '.join(sorted(cited))}, which it does not "
+                            "rest on.")
         bad = sorted(n for n in nums if n not in allowed)
         if bad:
             raise ToolError(f"Report check failed: the number(s) {', '.join(bad)} in “{s.text}” do not come from "

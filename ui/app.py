@@ -1,19 +1,33 @@
-"""The clinician web UI (Gradio 6): study picker and upload, chat with streamed tool steps, evidence panel.
+"""The clinician web UI (Gradio 6): studies (local store, upload, PACS), chat with streamed tool steps,
+evidence you can click.
 
-Layout: left, the study picker (the local store's studies, newest first, shown with a pseudonymous
-patient id only), an upload box (DICOM files or a zip) and the prior picker; middle, the chat, where each
-tool agent's run appears as a collapsible message while it runs, then the answer; right, the evidence of
-the last answer (key images, reliability badge, findings table, report).
+Layout: left, the study source (the local store, or a PACS over DICOMweb when one is configured), the
+study picker (newest first, patient shown by pseudonym only), the prior picker, an upload box (DICOM files
+or a zip, size-limited) and the signed-in user's own conversations; middle, the chat, where each tool
+agent's run appears as a collapsible message while it runs, then the answer; right, the evidence of the
+last answer: the key images (gallery), the reliability badge (details expandable), and tabs for the
+boxes on the slice (``gr.AnnotatedImage``), the before/after comparison with a wipe/blend slider, the
+report whose sentences select their findings' boxes, and the findings table.
 
-The UI never calls a tool: every question goes through :class:`agents.engine.Consultant`. Each browser
-session has its own conversation thread id (``gr.State``), never shared between users. Clinician-facing
-errors (:class:`tools.errors.RadAssistError`) are shown as an assistant message; the session goes on.
+The UI never calls a tool: every question goes through :class:`agents.engine.Consultant` (studies are
+opened through it to draw boxes). Each browser session has its own conversation thread id
+(``gr.State``); with sign-in (``--auth``) every thread belongs to the user who started it (a small SQLite
+index in the engine home) and is never listed for, reopened by or continued by another user.
+Clinician-facing errors (:class:`tools.errors.RadAssistError`) are shown as an assistant message; the
+session goes on.
+
+PACS: with ``RADASSIST_PACS_URL`` (a DICOMweb root, e.g. ``http://pacs:8042/dicom-web``; optional
+``RADASSIST_PACS_USER``/``RADASSIST_PACS_PASSWORD``) or ``launch_demo(pacs_url=...)`` the source picker
+offers "PACS": the picker then lists the archive's studies, and opening one fetches it and the same
+patient's most recent earlier study of the same modality into the local store and selects both.
 
 API endpoints (for scripts and tests, through ``gradio_client``):
 - ``/ask``: ``ask_api(question, study_uid, thread_id) -> dict`` (the answer contract as JSON);
 - ``/chat``: the streaming chat handler (history grows with the tool steps, then the answer);
 - ``/upload``: import uploaded files into the store and select the study;
-- ``/studies``: the store's studies as a list of dicts.
+- ``/studies``: the store's studies as a list of dicts;
+- ``/pacs_studies`` and ``/open_pacs``: the archive's studies; fetch one (and its prior) into the store;
+- ``/conversations``: the caller's own conversations.
 
 Scripts should connect with ``gradio_client.Client(url, download_files=False)``: otherwise the client
 takes every dict with a ``"path"`` key (the answer's evidence entries) for a file, downloads it and puts
@@ -21,6 +35,8 @@ a local path string in its place.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import hashlib
 import hmac
 import html
@@ -28,6 +44,7 @@ import logging
 import os
 import queue
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -37,12 +54,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
+import numpy as np
 
 from tools.errors import ConfigError, RadAssistError
+from tools.schemas import Answer, Finding
 
 if TYPE_CHECKING:
     from agents.engine import Consultant
-    from tools.schemas import Answer
+    from ui.pacs import PacsClient
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -52,11 +71,24 @@ TITLE = "radassist — evidence-grounded assistant for chest imaging"
 DISCLAIMER = "Decision support, not diagnosis: confirm every finding on the images before acting."
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 AUTO_PRIOR = "auto"
+SOURCE_LOCAL = "Local store"
+SOURCE_PACS = "PACS"
+LOCAL_USER = "local"
 FINDING_COLUMNS = ["id", "kind", "region", "size", "change", "reliability"]
 DEFAULT_CONCURRENCY = 2
+MAX_UPLOAD_MB = int(os.environ.get("RADASSIST_MAX_UPLOAD_MB", "512"))
 GENERIC_ERROR = ("Something went wrong inside the assistant while answering (the details are in the server "
                  "log). Please try again or rephrase; the conversation goes on.")
 LEVEL_COLOURS = {"high": "#1b7f3b", "medium": "#b7791f", "low": "#c53030"}
+LUNG_WINDOW = (-600.0, 1500.0)
+BOX_COLOURS = ["#ff4040", "#ffc800", "#00dcff", "#50ff50", "#ff78ff", "#ff963c"]
+WIPE_MODES = ["wipe", "blend"]
+CSS = """
+.ra-badge details summary {cursor: pointer; text-decoration: underline dotted;}
+.ra-badge ul {margin: 4px 0 0 16px; font-size: 0.9em;}
+#ra-sentences {max-height: 330px; overflow-y: auto;}
+#ra-sentences label {white-space: normal; text-align: left;}
+"""
 
 Message = dict[str, Any]
 Choices = list[tuple[str, str]]
@@ -105,6 +137,11 @@ def prior_choices(consultant: Consultant, study_uid: str | None) -> Choices:
     return out
 
 
+def pacs_label(st: Any, in_store: bool = False) -> str:
+    n = f" · {st.n_instances} images" if getattr(st, "n_instances", None) else ""
+    return f"PACS · {study_label(st)}{n}" + (" · in local store" if in_store else "")
+
+
 def _unique_dest(folder: Path, name: str) -> Path:
     base = Path(name).name or "upload"
     dest = folder / base
@@ -115,14 +152,53 @@ def _unique_dest(folder: Path, name: str) -> Path:
     return dest
 
 
-def import_uploads(consultant: Consultant, files: list[str]) -> list[Any]:
+def _upload_cache_root() -> Path:
+    try:
+        from gradio.utils import get_upload_folder
+
+        return Path(get_upload_folder()).resolve()
+    except Exception:  # noqa: BLE001 - older/newer gradio: fall back to its documented default
+        import tempfile
+
+        return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+
+
+def discard_uploads(files: list[str]) -> int:
+    """Delete uploaded files from Gradio's upload cache (and their per-upload folders when empty).
+
+    Only files inside the cache are touched: a path given by a script elsewhere is left alone."""
+    root = _upload_cache_root()
+    n = 0
+    for f in files:
+        try:
+            p = Path(f).resolve()
+        except (OSError, RuntimeError):
+            continue
+        if root not in p.parents or not p.is_file():
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            n += 1
+            parent = p.parent
+            while parent != root and root in parent.parents and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+    return n
+
+
+def import_uploads(consultant: Consultant, files: list[str], max_mb: int = MAX_UPLOAD_MB) -> list[Any]:
     """Import uploaded files (DICOM files and/or zips) into the store; returns the study records.
 
     Zips are imported one by one; the other files are gathered in one folder and imported together.
-    The staging folder is removed afterwards (the store keeps its own copies)."""
+    Uploads over ``max_mb`` in total are refused with a clear message. The staging folder is removed
+    afterwards (the store keeps its own copies)."""
     paths = [Path(f) for f in files if f]
     if not paths:
         raise RadAssistError("No file was uploaded. Choose DICOM files or a zip of a study.")
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    if total > max_mb * 1024 * 1024:
+        raise RadAssistError(f"The upload is {total / 1024 / 1024:.0f} MB; the limit is {max_mb} MB. Upload one "
+                             "study at a time, or import large studies on the server with `radassist import`.")
     staging = consultant.home / "uploads" / uuid.uuid4().hex
     staging.mkdir(parents=True, exist_ok=True)
     records: list[Any] = []
@@ -146,6 +222,63 @@ def import_uploads(consultant: Consultant, files: list[str]) -> list[Any]:
     if not records:
         raise RadAssistError("The upload held no study that could be imported.")
     return records
+
+
+# ------------------------------------------------------------------------------------------------
+# Conversations: which user owns which thread
+# ------------------------------------------------------------------------------------------------
+class ConversationIndex:
+    """(user, thread_id, study_uid, created, title) in a small SQLite file in the engine home.
+
+    The only way the UI lists or reopens a conversation: a user sees their own threads and nobody else's."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        with self._connect() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS conversations (thread_id TEXT PRIMARY KEY, user TEXT NOT NULL, "
+                        "study_uid TEXT, created TEXT NOT NULL, title TEXT NOT NULL)")
+            con.execute("CREATE INDEX IF NOT EXISTS conversations_user ON conversations (user, created)")
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=30)
+        try:
+            with con:
+                yield con
+        finally:
+            con.close()
+
+    def owner(self, thread_id: str) -> str | None:
+        with self._connect() as con:
+            row = con.execute("SELECT user FROM conversations WHERE thread_id=?", (thread_id,)).fetchone()
+        return str(row[0]) if row else None
+
+    def add(self, user: str, thread_id: str, study_uid: str | None, title: str) -> bool:
+        """Record a new thread for ``user``; False when the thread already exists (any owner)."""
+        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        title = " ".join((title or "conversation").split())[:80]
+        with self._lock, self._connect() as con:
+            cur = con.execute("INSERT OR IGNORE INTO conversations VALUES (?, ?, ?, ?, ?)",
+                              (thread_id, user, study_uid, created, title))
+            return cur.rowcount == 1
+
+    def set_study(self, user: str, thread_id: str, study_uid: str | None) -> None:
+        with self._lock, self._connect() as con:
+            con.execute("UPDATE conversations SET study_uid=? WHERE thread_id=? AND user=?", (study_uid, thread_id, user))
+
+    def list(self, user: str, limit: int = 100) -> list[dict[str, Any]]:
+        with self._connect() as con:
+            rows = con.execute("SELECT thread_id, study_uid, created, title FROM conversations WHERE user=? "
+                               "ORDER BY created DESC, rowid DESC LIMIT ?", (user, limit)).fetchall()
+        return [{"thread_id": r[0], "study_uid": r[1], "created": r[2], "title": r[3]} for r in rows]
+
+
+def user_of(request: gr.Request | None) -> str:
+    """The signed-in user (``local`` without sign-in)."""
+    name = getattr(request, "username", None) if request is not None else None
+    return str(name) if name else LOCAL_USER
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,13 +326,20 @@ def _fmt_detail(v: Any) -> str:
 
 
 def reliability_html(answer: Answer | None) -> str:
+    """The badge; "How this was measured" expands to the method's details and per-finding reliability."""
     if answer is None:
         return "<div class='ra-badge'><em>No answer yet.</em></div>"
     r = answer.reliability
     colour = LEVEL_COLOURS.get(r.level, "#555")
-    items = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(_fmt_detail(v))}</li>"
-                    for k, v in r.details.items() if v not in (None, {}, [], ""))
-    details = f"<details><summary>How this was measured</summary><ul>{items}</ul></details>" if items else ""
+    items = [f"<li><b>{html.escape(str(k))}</b>: {html.escape(_fmt_detail(v))}</li>"
+             for k, v in r.details.items() if v not in (None, {}, [], "")]
+    per = [f"{html.escape(f.id)} {f.reliability:.2f}" for f in answer.findings
+           if f.reliability is not None and f.kind != "anatomy"]
+    if per:
+        items.append(f"<li><b>per finding</b>: {', '.join(per[:30])}</li>")
+    items.extend(f"<li>{html.escape(n)}</li>" for n in answer.notes[:5])
+    details = (f"<details><summary>How this was measured</summary><ul>"
+               f"<li><b>method</b>: {html.escape(r.method)}</li>{''.join(items)}</ul></details>")
     return (f"<div class='ra-badge'><span style='background:{colour};color:white;padding:2px 8px;"
             f"border-radius:8px;font-weight:600'>Reliability: {html.escape(r.level)} ({r.score:.2f})</span> "
             f"<span style='opacity:0.8'>{html.escape(r.method)}</span>{details}</div>")
@@ -218,12 +358,16 @@ def report_markdown(answer: Answer | None) -> str:
     return "\n\n".join(parts)
 
 
-def gallery_items(answer: Answer | None) -> list[tuple[str, str]]:
+def gallery_items(answer: Answer | None, only_ids: list[str] | None = None) -> list[tuple[str, str]]:
+    """(path, caption) of the answer's images; with ``only_ids``, those showing one of these findings."""
     if answer is None:
         return []
     out = []
+    wanted = set(only_ids or [])
     for e in answer.evidence:
         if e.kind in ("image", "plot") and Path(e.path).is_file():
+            if wanted and not wanted.intersection(e.finding_ids):
+                continue
             ids = f" [{', '.join(e.finding_ids)}]" if e.finding_ids else ""
             out.append((e.path, e.caption + ids))
     return out
@@ -242,6 +386,115 @@ def panel(answer: Answer | None) -> tuple[Any, ...]:
     """The evidence panel's values, in the order of ``App.panel_outputs``."""
     return (gallery_items(answer), reliability_html(answer), findings_rows(answer), report_markdown(answer),
             download_files(answer) or None)
+
+
+def sentence_choices(answer: Answer | None) -> Choices:
+    """The report's sentences that name findings, as (text, index) radio choices."""
+    if answer is None or answer.report is None:
+        return []
+    return [(s.text, str(i)) for i, s in enumerate(answer.report.sentences) if s.finding_ids]
+
+
+# -- before/after -------------------------------------------------------------------------------------
+def before_after_choices(answer: Answer | None) -> Choices:
+    if answer is None:
+        return []
+    return [(e.caption, str(i)) for i, e in enumerate(answer.evidence)
+            if e.role == "before-after" and Path(e.path).is_file()]
+
+
+def split_pair(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A before/after PNG (current on the left, registered prior on the right, a gap between) -> halves."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    h, w2 = arr.shape[:2]
+    w = (w2 - 4) // 2 if w2 > 4 else w2 // 2
+    left, right = arr[:, :w], arr[:, w2 - w:]
+    if w < 384:  # small phantoms: upscale so that the wipe line and the boxes stay legible
+        s = int(np.ceil(384 / max(w, 1)))
+        left, right = (a.repeat(s, axis=0).repeat(s, axis=1) for a in (left, right))
+    return np.ascontiguousarray(left), np.ascontiguousarray(right)
+
+
+def compose_pair(current: np.ndarray, prior: np.ndarray, value: float, mode: str = "wipe") -> np.ndarray:
+    """``value`` 0-100: how much of the current image is shown (wipe: columns from the left; blend: weight)."""
+    v = float(np.clip(value if value is not None else 50.0, 0.0, 100.0)) / 100.0
+    if mode == "blend":
+        return (current.astype(np.float32) * v + prior.astype(np.float32) * (1.0 - v)).round().astype(np.uint8)
+    out = prior.copy()
+    x = int(round(v * current.shape[1]))
+    out[:, :x] = current[:, :x]
+    if 0 < x < current.shape[1]:
+        out[:, max(0, x - 1):x + 1] = (255, 200, 0)
+    return out
+
+
+# -- boxes on a slice ---------------------------------------------------------------------------------
+def _display_flips(series: Any) -> tuple[bool, bool]:
+    """(flip columns, flip rows) so that the patient's right is on the image's left and anterior is up."""
+    d = np.asarray(series.direction, dtype=float)
+    flip_i = bool(d[0, 0] < 0) if abs(d[0, 0]) >= abs(d[1, 0]) else bool(d[1, 0] < 0)
+    flip_j = bool(d[1, 1] < 0) if abs(d[1, 1]) >= abs(d[0, 1]) else bool(d[0, 1] < 0)
+    return flip_i, flip_j
+
+
+def _to_uint8(img: np.ndarray, modality: str, photometric: str) -> np.ndarray:
+    img = np.asarray(img, dtype=np.float32)
+    if modality == "CT":
+        c, w = LUNG_WINDOW
+        lo, hi = c - w / 2.0, c + w / 2.0
+    else:
+        lo, hi = (float(x) for x in np.percentile(img, [0.5, 99.5]))
+    out = np.clip((img - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255).astype(np.uint8)
+    return 255 - out if photometric == "MONOCHROME1" else out
+
+
+def _box_label(f: Finding) -> str:
+    size = f" {f.diameter_mm:.1f} {f.units}" if f.diameter_mm is not None else ""
+    return f"{f.id} {f.kind}{size}"
+
+
+def slice_annotations(series: Any, findings: list[Finding], k: int) -> tuple[np.ndarray, list[tuple[tuple[int, int, int, int], str]]]:
+    """The slice ``k`` of ``series`` (display orientation, RGB) and the boxes of the findings it cuts."""
+    nk, nj, ni = series.shape
+    k = int(np.clip(k, 0, nk - 1))
+    img = _to_uint8(series.pixels[k], series.modality, getattr(series, "photometric", "MONOCHROME2"))
+    flip_i, flip_j = _display_flips(series) if nk > 1 else (False, False)
+    img = img[:, ::-1] if flip_i else img
+    img = img[::-1, :] if flip_j else img
+    boxes: list[tuple[tuple[int, int, int, int], str]] = []
+    for f in findings:
+        if nk == 1 and f.bbox_px is not None:  # radiograph: pixel box [x0, y0, x1, y1]
+            x0, y0, x1, y1 = (float(v) for v in f.bbox_px)
+        elif f.bbox_vox is not None and len(f.bbox_vox) == 6:
+            i0, j0, k0, i1, j1, k1 = (float(v) for v in f.bbox_vox)
+            if not (min(k0, k1) - 0.5 <= k <= max(k0, k1) + 0.5):
+                continue
+            x0, x1 = (ni - 1 - i1, ni - 1 - i0) if flip_i else (i0, i1)
+            y0, y1 = (nj - 1 - j1, nj - 1 - j0) if flip_j else (j0, j1)
+        else:
+            continue
+        pad = 2
+        box = (int(max(0, min(x0, x1) - pad)), int(max(0, min(y0, y1) - pad)),
+               int(min(ni - 1, max(x0, x1) + pad)), int(min(nj - 1, max(y0, y1) + pad)))
+        boxes.append((box, _box_label(f)))
+    rgb = np.repeat(img[:, :, None], 3, axis=2)
+    if rgb.shape[1] < 384:  # small phantoms: upscale so that boxes and labels stay legible
+        s = int(np.ceil(384 / rgb.shape[1]))
+        rgb = rgb.repeat(s, axis=0).repeat(s, axis=1)
+        boxes = [((b[0] * s, b[1] * s, b[2] * s + s - 1, b[3] * s + s - 1), lab) for b, lab in boxes]
+    return np.ascontiguousarray(rgb), boxes
+
+
+def boxed_findings(answer: Answer | None) -> list[Finding]:
+    """Findings of the current study that can be drawn as a box on a slice, lesions first."""
+    if answer is None:
+        return []
+    out = [f for f in answer.findings if (f.bbox_vox is not None and f.slice_index is not None)
+           or f.bbox_px is not None]
+    return sorted(out, key=lambda f: f.kind == "anatomy")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,10 +546,17 @@ def error_text(exc: BaseException) -> str:
 
 
 class App:
-    """The handlers, bound to one Consultant. Each browser session carries its own thread id."""
+    """The handlers, bound to one Consultant (and optionally a PACS). Each browser session carries its own
+    thread id; every thread belongs to the user who started it."""
 
-    def __init__(self, consultant: Consultant) -> None:
+    N_PANEL = 5
+    N_EXTRA = 9  # answer state, boxes, box picker, pair picker, slider, pair image, sentences, tabs, sentence boxes
+
+    def __init__(self, consultant: Consultant, pacs: PacsClient | None = None, auth_enabled: bool = False) -> None:
         self.c = consultant
+        self.pacs = pacs
+        self.auth_enabled = auth_enabled
+        self.conversations = ConversationIndex(Path(consultant.home) / "ui" / "conversations.sqlite")
 
     # -- helpers ------------------------------------------------------------------------------------
     def study_path(self, study_uid: str | None) -> str | None:
@@ -309,7 +569,131 @@ class App:
             return None
         return str(self.c.store.path_of(prior))
 
-    # -- events -------------------------------------------------------------------------------------
+    def claim(self, thread_id: str | None, user: str, study_uid: str | None, title: str) -> tuple[str, bool]:
+        """A thread id ``user`` may write to: theirs, or a new one; (thread id, True if it had to be replaced)."""
+        if thread_id:
+            owner = self.conversations.owner(thread_id)
+            if owner == user:
+                return thread_id, False
+            foreign = owner is not None or (self.auth_enabled and self._has_history(thread_id))
+            if not foreign:
+                self.conversations.add(user, thread_id, study_uid, title)
+                return thread_id, False
+            log.warning("a session asked for a conversation it does not own; a new one was started")
+        new = uuid.uuid4().hex
+        self.conversations.add(user, new, study_uid, title)
+        return new, bool(thread_id)
+
+    def _has_history(self, thread_id: str) -> bool:
+        try:
+            return bool(self.c.history(thread_id))
+        except Exception:  # noqa: BLE001 - unknown thread ids are simply new
+            return False
+
+    def extras(self, answer: Answer | None) -> tuple[Any, ...]:
+        """The clickable evidence's values, in the order of ``extra_outputs``."""
+        keyed = boxed_findings(answer)
+        key_choices = [(f"{f.id} · {f.kind} · {f.region or f.label or ''}".strip(" ·"), f.id) for f in keyed]
+        pairs = before_after_choices(answer)
+        sentences = sentence_choices(answer)
+        pair_img = self.pair_image(answer, pairs[0][1], 50, "wipe") if pairs else None
+        tab = gr.update(selected="images")
+        if pairs:
+            tab = gr.update(selected="compare")
+        elif sentences:
+            tab = gr.update(selected="report")
+        elif any(f.kind != "anatomy" for f in keyed):
+            tab = gr.update(selected="boxes")
+        return (answer,
+                self.key_image(answer, keyed[0].id) if keyed else None,
+                gr.update(choices=key_choices, value=keyed[0].id if keyed else None),
+                gr.update(choices=pairs, value=pairs[0][1] if pairs else None),
+                gr.update(value=50),
+                pair_img,
+                gr.update(choices=sentences, value=None),
+                tab,
+                None)
+
+    def cleared(self) -> tuple[Any, ...]:
+        return (*panel(None), *self.extras(None))
+
+    # -- evidence you can click ---------------------------------------------------------------------
+    def _series_for(self, answer: Answer, f: Finding) -> Any:
+        uid = f.study_uid or answer.study_uid
+        path: str | None = None
+        if uid and self.c.store.get(uid) is not None:
+            path = str(self.c.store.path_of(uid))
+        else:
+            ref = self.c.thread_study(answer.thread_id) if hasattr(self.c, "thread_study") else None
+            if ref and (not uid or ref.get("study_uid") == uid):
+                path = ref.get("path")
+        if not path:
+            return None
+        study, _ = self.c.open_study(path)
+        for s in study.series:
+            if f.series_uid and s.series_uid == f.series_uid:
+                return s
+        return study.primary if f.series_uid is None else None
+
+    def key_image(self, answer: Answer | None, finding_id: str | None) -> Any:
+        """(slice image, [(box, label)]) for ``gr.AnnotatedImage``: the finding's slice, every box on it."""
+        if answer is None or not finding_id:
+            return None
+        f = next((x for x in answer.findings if x.id == finding_id), None)
+        if f is None:
+            return None
+        try:
+            series = self._series_for(answer, f)
+            if series is None:
+                return None
+            if f.slice_index is not None:
+                k = int(f.slice_index)
+            elif f.bbox_vox is not None:
+                k = int(round((f.bbox_vox[2] + f.bbox_vox[5]) / 2))
+            else:
+                k = 0
+            same = [f] + [g for g in answer.findings if g.id != f.id and g.series_uid == f.series_uid
+                          and g.study_uid == f.study_uid]
+            return slice_annotations(series, same, k)
+        except Exception:  # noqa: BLE001 - the gallery still shows the rendered key images
+            log.warning("could not draw the boxes of a finding", exc_info=True)
+            return None
+
+    def pair_image(self, answer: Answer | None, pick: str | None, value: float, mode: str) -> np.ndarray | None:
+        if answer is None or pick is None:
+            return None
+        try:
+            e = answer.evidence[int(pick)]
+            current, prior = split_pair(e.path)
+        except (ValueError, IndexError, OSError):
+            return None
+        return compose_pair(current, prior, value, mode if mode in WIPE_MODES else "wipe")
+
+    def show_key(self, finding_id: str | None, answer: Answer | None) -> Any:
+        return self.key_image(answer, finding_id)
+
+    def wipe(self, pick: str | None, value: float, mode: str, answer: Answer | None) -> Any:
+        return self.pair_image(answer, pick, value, mode)
+
+    def select_sentence(self, index: str | None, answer: Answer | None) -> tuple[Any, Any, Any, Any]:
+        """A report sentence was clicked: (gallery of its findings' images, boxes of its first boxed finding,
+        that finding in the picker, the same boxes shown next to the report)."""
+        keep = (gr.update(), gr.update(), gr.update(), gr.update())
+        if answer is None or answer.report is None or index is None:
+            return keep
+        try:
+            sentence = answer.report.sentences[int(index)]
+        except (ValueError, IndexError):
+            return keep
+        ids = list(sentence.finding_ids)
+        gallery = gallery_items(answer, only_ids=ids) or gallery_items(answer)
+        first = next((f for f in boxed_findings(answer) if f.id in ids), None)
+        if first is None:
+            return gallery, gr.update(), gr.update(), None
+        boxes = self.key_image(answer, first.id)
+        return gallery, boxes, gr.update(value=first.id), boxes
+
+    # -- studies ------------------------------------------------------------------------------------
     def refresh(self, current: str | None = None) -> tuple[Any, Any]:
         """Study and prior pickers from the store (keeps the current study when it is still there)."""
         choices = study_choices(self.c)
@@ -318,43 +702,162 @@ class App:
         return (gr.update(choices=choices, value=value),
                 gr.update(choices=prior_choices(self.c, value), value=AUTO_PRIOR))
 
-    def select_study(self, study_uid: str | None) -> tuple[Any, ...]:
-        """A new study: a new conversation (follow-ups never resolve against another study)."""
+    def pacs_choices(self) -> Choices:
+        if self.pacs is None:
+            return []
+        out = []
+        for st in self.pacs.list_studies():
+            out.append((pacs_label(st, self.c.store.get(st.study_uid) is not None), st.study_uid))
+        return out
+
+    def switch_source(self, source: str) -> tuple[Any, Any, Any]:
+        """(source, study picker, prior picker) for the chosen source."""
+        if source == SOURCE_PACS and self.pacs is not None:
+            try:
+                choices = self.pacs_choices()
+            except RadAssistError as exc:
+                gr.Warning(str(exc))
+                return (gr.update(value=SOURCE_LOCAL), *self.refresh())
+            return (gr.update(), gr.update(choices=choices, value=None, label="Study in the PACS (newest first)"),
+                    gr.update(choices=prior_choices(self.c, None), value=AUTO_PRIOR))
+        study_upd, prior_upd = self.refresh()
+        return gr.update(value=SOURCE_LOCAL), {**study_upd, "label": "Study (newest first)"}, prior_upd
+
+    def open_from_pacs(self, study_uid: str) -> tuple[Any, Any | None]:
+        """Fetch the study and its prior from the PACS into the local store (skipping what is already
+        there); returns their store records (prior None when the archive has none)."""
+        if self.pacs is None:
+            raise RadAssistError("No PACS is configured (set RADASSIST_PACS_URL or start with --pacs URL).")
+        cur = self.pacs.get_study(study_uid)
+        prior = self.pacs.find_prior(cur)
+        tmp = Path(self.c.home) / "pacs" / uuid.uuid4().hex
+        try:
+            for st, sub in ((cur, "current"), (prior, "prior")):
+                if st is None or self.c.store.get(st.study_uid) is not None:
+                    continue
+                folder = self.pacs.fetch_study(st.study_uid, tmp / sub)
+                self.c.store.import_path(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        rec = self.c.store.get(cur.study_uid)
+        if rec is None:
+            raise RadAssistError("The study fetched from the PACS could not be imported into the local store.")
+        prior_rec = self.c.store.get(prior.study_uid) if prior is not None else None
+        log.info("opened a study from the PACS (prior %s)", "found" if prior_rec else "none")
+        return rec, prior_rec
+
+    def pick_study(self, study_uid: str | None, source: str = SOURCE_LOCAL) -> Iterator[tuple[Any, ...]]:
+        """A study was picked: from the PACS it is fetched (with its prior) first. Either way a new
+        conversation starts (follow-ups never resolve against another study)."""
+        if source == SOURCE_PACS and study_uid:
+            wait = [{"role": "assistant", "content": "Fetching the study and its prior from the PACS…",
+                     "metadata": {"title": "PACS", "status": "pending"}}]
+            keep = tuple(gr.update() for _ in range(self.N_PANEL + self.N_EXTRA))
+            yield gr.update(), gr.update(), gr.update(), wait, gr.update(), *keep
+            t0 = time.monotonic()
+            try:
+                rec, prior_rec = self.open_from_pacs(study_uid)
+            except Exception as exc:  # noqa: BLE001 - shown in the chat; the session goes on
+                msg = f"The study could not be opened from the PACS. {error_text(exc)}"
+                yield gr.update(), gr.update(), gr.update(), [{"role": "assistant", "content": msg}], gr.update(), *keep
+                return
+            study_upd, _ = self.refresh(rec.study_uid)
+            pchoices = prior_choices(self.c, rec.study_uid)
+            prior_val = prior_rec.study_uid if prior_rec is not None else AUTO_PRIOR
+            text = (f"Opened from the PACS in {time.monotonic() - t0:.1f} s: {study_label(rec)}; prior: "
+                    + (study_label(prior_rec) if prior_rec else "none in the archive") + ". Ask me about it.")
+            yield (gr.update(value=SOURCE_LOCAL), {**study_upd, "label": "Study (newest first)"},
+                   gr.update(choices=pchoices, value=prior_val), [{"role": "assistant", "content": text}],
+                   uuid.uuid4().hex, *self.cleared())
+            return
         label = dict((u, lab) for lab, u in study_choices(self.c)).get(study_uid or "", "")
         history: list[Message] = []
         if label:
             history.append({"role": "assistant", "content": f"Study selected: {label}. Ask me about it."})
-        return (gr.update(choices=prior_choices(self.c, study_uid), value=AUTO_PRIOR), history,
-                uuid.uuid4().hex, *panel(None))
+        yield (gr.update(), gr.update(), gr.update(choices=prior_choices(self.c, study_uid), value=AUTO_PRIOR),
+               history, uuid.uuid4().hex, *self.cleared())
+
+    def select_study(self, study_uid: str | None) -> tuple[Any, ...]:
+        """(prior, history, thread id, *panel, *extras) for a local study (no PACS)."""
+        out = list(self.pick_study(study_uid, SOURCE_LOCAL))[-1]
+        return out[2:]
 
     def upload(self, files: list[str] | None, history: list[Message] | None,
                thread_id: str | None = None) -> tuple[Any, ...]:
         """Import the uploaded files, select the newest imported study and start a new conversation;
-        on failure the message goes to the chat and the conversation stays as it was."""
+        on failure the message goes to the chat and the conversation stays as it was. The uploaded
+        files are deleted from the server's upload cache either way."""
         history = list(history or [])
+        files = list(files or [])
         try:
-            records = import_uploads(self.c, list(files or []))
+            records = import_uploads(self.c, files)
         except Exception as exc:  # noqa: BLE001 - shown in the chat; the session goes on
             history.append({"role": "assistant", "content": f"The upload could not be imported. {error_text(exc)}"})
-            return gr.update(), gr.update(), history, thread_id, *(gr.update() for _ in range(5)), None
+            return (gr.update(), gr.update(), history, thread_id, *(gr.update() for _ in range(self.N_PANEL)), None,
+                    *(gr.update() for _ in range(self.N_EXTRA)), gr.update())
+        finally:
+            discard_uploads(files)
         newest = max(records, key=lambda r: (r.study_date or "", r.study_uid))
         log.info("upload imported %d study(ies)", len(records))
         names = "; ".join(study_label(r) for r in records)
         history = [{"role": "assistant",
                     "content": f"Imported {len(records)} study(ies): {names}. Selected {study_label(newest)}."}]
         study_upd, prior_upd = self.refresh(newest.study_uid)
-        return study_upd, prior_upd, history, uuid.uuid4().hex, *panel(None), None
+        return (study_upd, prior_upd, history, uuid.uuid4().hex, *panel(None), None, *self.extras(None),
+                gr.update(value=SOURCE_LOCAL))
 
+    # -- conversations ------------------------------------------------------------------------------
+    def conversation_choices(self, user: str) -> Choices:
+        out = []
+        for row in self.conversations.list(user):
+            when = row["created"][:16].replace("T", " ")
+            out.append((f"{when} · {row['title']}", row["thread_id"]))
+        return out
+
+    def conversations_update(self, thread_id: str | None = None, request: gr.Request | None = None) -> Any:
+        choices = self.conversation_choices(user_of(request))
+        value = thread_id if thread_id in {c[1] for c in choices} else None
+        return gr.update(choices=choices, value=value)
+
+    def open_conversation(self, thread_id: str | None, request: gr.Request | None = None) -> tuple[Any, ...]:
+        """Reopen one of the user's own conversations: its messages, its study and its last answer's evidence."""
+        user = user_of(request)
+        nothing = tuple(gr.update() for _ in range(4 + self.N_PANEL + self.N_EXTRA))
+        if not thread_id:
+            return nothing
+        if self.conversations.owner(thread_id) != user:
+            log.warning("refused to reopen a conversation the user does not own")
+            gr.Warning("That conversation is not one of yours.")
+            return nothing
+        history = [m for m in self.c.history(thread_id) if m.get("content")]
+        answer = self.c.last_answer(thread_id)
+        ref = self.c.thread_study(thread_id) or {}
+        uid = ref.get("study_uid") or next((r["study_uid"] for r in self.conversations.list(user)
+                                            if r["thread_id"] == thread_id), None)
+        study_upd, prior_upd = (gr.update(), gr.update())
+        if uid and self.c.store.get(uid) is not None:
+            study_upd, prior_upd = self.refresh(uid)
+        if not history:
+            history = [{"role": "assistant", "content": "This conversation has no messages yet."}]
+        return (study_upd, prior_upd, history, thread_id, *panel(answer), *self.extras(answer))
+
+    def new_conversation(self) -> tuple[Any, ...]:
+        return ([], uuid.uuid4().hex, *self.cleared())
+
+    # -- chat ---------------------------------------------------------------------------------------
     def chat(self, message: str, history: list[Message] | None, study_uid: str | None, prior: str | None,
-             thread_id: str | None) -> Iterator[tuple[Any, ...]]:
-        """Streaming handler: yields (history, textbox, thread_id, *panel) while the steps run."""
+             thread_id: str | None, request: gr.Request | None = None) -> Iterator[tuple[Any, ...]]:
+        """Streaming handler: yields (history, textbox, thread_id, *panel, *extras) while the steps run."""
         history = list(history or [])
-        thread_id = thread_id or uuid.uuid4().hex
         message = (message or "").strip()
-        keep = tuple(gr.update() for _ in range(5))
+        keep = tuple(gr.update() for _ in range(self.N_PANEL + self.N_EXTRA))
         if not message:
-            yield history, "", thread_id, *keep
+            yield history, "", thread_id or uuid.uuid4().hex, *keep
             return
+        thread_id, replaced = self.claim(thread_id, user_of(request), study_uid, message)
+        if replaced:
+            history = [{"role": "assistant", "content": "That conversation belongs to another user; "
+                        "a new conversation was started."}]
         history.append({"role": "user", "content": message})
         yield history, "", thread_id, *keep
         try:
@@ -394,7 +897,9 @@ class App:
                         history[i] = {**history[i], "metadata": {**history[i]["metadata"], "status": "done"}}
                 history.append({"role": "assistant", "content": answer.answer})
                 log.info("turn answered in %.1f s (tools=%s)", time.monotonic() - t0, answer.tools)
-                yield history, "", thread_id, *panel(answer)
+                if study_uid:
+                    self.conversations.set_study(user_of(request), thread_id, study_uid)
+                yield history, "", thread_id, *panel(answer), *self.extras(answer)
             else:
                 for idxs in open_steps.values():
                     for i in idxs:
@@ -402,10 +907,15 @@ class App:
                 history.append({"role": "assistant", "content": error_text(payload)})
                 yield history, "", thread_id, *keep
 
-    def ask_api(self, question: str, study_uid: str = "", thread_id: str = "") -> dict:
-        """Ask one question; returns the answer contract as JSON (``thread_id`` continues a conversation)."""
+    # -- API ----------------------------------------------------------------------------------------
+    def ask_api(self, question: str, study_uid: str = "", thread_id: str = "",
+                request: gr.Request | None = None) -> dict:
+        """Ask one question; returns the answer contract as JSON (``thread_id`` continues one of your conversations)."""
+        tid, replaced = self.claim(thread_id or None, user_of(request), study_uid or None, question)
+        if replaced:
+            raise gr.Error("That conversation belongs to another user.")
         try:
-            ans = self.c.ask(question, study=self.study_path(study_uid or None), thread_id=thread_id or None)
+            ans = self.c.ask(question, study=self.study_path(study_uid or None), thread_id=tid)
         except RadAssistError as exc:
             raise gr.Error(str(exc)) from exc
         return ans.model_dump(mode="json")
@@ -417,68 +927,163 @@ class App:
                  "description": r.description, "patient": pseudonym(r.patient_id), "label": study_label(r)}
                 for r in recs]
 
+    def pacs_studies_api(self) -> list[dict]:
+        """The PACS's studies, newest first (patient shown by pseudonym only); [] without a PACS."""
+        if self.pacs is None:
+            return []
+        try:
+            studies = self.pacs.list_studies()
+        except RadAssistError as exc:
+            raise gr.Error(str(exc)) from exc
+        return [{"study_uid": s.study_uid, "date": s.study_date, "modality": s.modality,
+                 "description": s.description, "patient": pseudonym(s.patient_id), "n_instances": s.n_instances,
+                 "in_store": self.c.store.get(s.study_uid) is not None, "label": pacs_label(s)} for s in studies]
+
+    def open_pacs_api(self, study_uid: str) -> dict:
+        """Fetch a PACS study and its prior into the local store; returns their UIDs and labels."""
+        try:
+            rec, prior = self.open_from_pacs(study_uid)
+        except RadAssistError as exc:
+            raise gr.Error(str(exc)) from exc
+        return {"study_uid": rec.study_uid, "label": study_label(rec),
+                "prior_uid": prior.study_uid if prior else None, "prior_label": study_label(prior) if prior else None}
+
+    def conversations_api(self, request: gr.Request | None = None) -> list[dict]:
+        """The caller's own conversations, newest first."""
+        return self.conversations.list(user_of(request))
+
 
 # ------------------------------------------------------------------------------------------------
 # Building and launching
 # ------------------------------------------------------------------------------------------------
-def build_app(consultant: Consultant | None = None,
-              auth: Callable[[str, str], bool] | None = None) -> gr.Blocks:
-    """The Blocks app. ``auth`` is kept on the app (``demo.radassist_auth``) for ``launch``."""
+def pacs_from_env() -> PacsClient | None:
+    """A PACS client from ``RADASSIST_PACS_URL`` (+ ``RADASSIST_PACS_USER``/``RADASSIST_PACS_PASSWORD``), or None."""
+    url = os.environ.get("RADASSIST_PACS_URL", "").strip()
+    if not url:
+        return None
+    from ui.pacs import PacsClient
+
+    user = os.environ.get("RADASSIST_PACS_USER", "")
+    return PacsClient(url, auth=(user, os.environ.get("RADASSIST_PACS_PASSWORD", "")) if user else None)
+
+
+def build_app(consultant: Consultant | None = None, auth: Callable[[str, str], bool] | None = None,
+              pacs: PacsClient | str | None = None) -> gr.Blocks:
+    """The Blocks app. ``auth`` is kept on the app (``demo.radassist_auth``) for ``launch``; ``pacs`` is a
+    client or a DICOMweb URL (default: ``RADASSIST_PACS_URL``, if set)."""
     if consultant is None:
         from agents.engine import Consultant
 
         consultant = Consultant()
-    app = App(consultant)
+    if isinstance(pacs, str):
+        from ui.pacs import PacsClient
+
+        pacs = PacsClient(pacs)
+    elif pacs is None:
+        pacs = pacs_from_env()
+    app = App(consultant, pacs=pacs, auth_enabled=auth is not None)
     choices = study_choices(consultant)
     first = choices[0][1] if choices else None
 
     with gr.Blocks(title="radassist") as demo:
         thread_state = gr.State(None)
-        gr.Markdown(f"# {TITLE}\n{DISCLAIMER}")
+        answer_state = gr.State(None)
+        gr.Markdown(f"## {TITLE}\n{DISCLAIMER}")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=260):
+                source = gr.Radio([SOURCE_LOCAL, SOURCE_PACS], value=SOURCE_LOCAL, label="Source",
+                                  info=f"PACS: {pacs.host}" if pacs is not None else None,
+                                  visible=pacs is not None, elem_id="ra-source")
                 study = gr.Dropdown(choices=choices, value=first, label="Study (newest first)",
                                     info="date · modality · description · patient pseudonym", interactive=True,
-                                    allow_custom_value=True)
+                                    allow_custom_value=True, elem_id="ra-study")
                 prior = gr.Dropdown(choices=prior_choices(consultant, first), value=AUTO_PRIOR, label="Prior",
                                     info="auto: the most recent earlier study of the same patient", interactive=True,
-                                    allow_custom_value=True)
-                upload = gr.File(file_count="multiple", label="Upload a study (DICOM files or a zip)",
-                                 file_types=None)
+                                    allow_custom_value=True, elem_id="ra-prior")
+                upload = gr.File(file_count="multiple", label=f"Upload a study (DICOM files or a zip, up to "
+                                 f"{MAX_UPLOAD_MB} MB)", file_types=None, height=110)
+                conv = gr.Dropdown(choices=[], value=None, label="Your conversations", interactive=True,
+                                   info="reopen one of your earlier conversations", elem_id="ra-conversations")
                 new_conv = gr.Button("New conversation", variant="secondary")
             with gr.Column(scale=2, min_width=400):
-                chatbot = gr.Chatbot(label="Conversation", height=560, placeholder=(
+                chatbot = gr.Chatbot(label="Conversation", height=540, elem_id="ra-chat", placeholder=(
                     "Ask about the selected study, e.g. *Show me all pulmonary nodules*, *has it grown?*, "
                     "*write a report*."))
                 with gr.Row():
-                    box = gr.Textbox(placeholder="Ask a question…", show_label=False, scale=5, autofocus=True)
-                    send = gr.Button("Send", variant="primary", scale=1)
+                    box = gr.Textbox(placeholder="Ask a question…", show_label=False, scale=5, autofocus=True,
+                                     elem_id="ra-question")
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="ra-send")
             with gr.Column(scale=2, min_width=320):
-                gallery = gr.Gallery(label="Evidence", columns=2, height=340, object_fit="contain")
-                badge = gr.HTML(reliability_html(None))
-                table = gr.Dataframe(headers=FINDING_COLUMNS, value=[], label="Findings", interactive=False,
-                                     wrap=True)
-                report = gr.Markdown("")
-                files = gr.File(label="Files", file_count="multiple", interactive=False)
+                badge = gr.HTML(reliability_html(None), elem_id="ra-badge")
+                with gr.Tabs(selected="images") as tabs:
+                    with gr.Tab("Key images", id="images"):
+                        gallery = gr.Gallery(label="Evidence", columns=2, height=420, object_fit="contain",
+                                             elem_id="ra-gallery")
+                    with gr.Tab("Boxes", id="boxes"):
+                        key_pick = gr.Dropdown(choices=[], value=None, label="Finding", interactive=True,
+                                               elem_id="ra-key-pick")
+                        keyimg = gr.AnnotatedImage(label="Slice with the findings' boxes", height=400, format="png",
+                                                   show_legend=True, elem_id="ra-boxes")
+                    with gr.Tab("Before / after", id="compare"):
+                        ba_pick = gr.Dropdown(choices=[], value=None, label="Comparison", interactive=True,
+                                              elem_id="ra-pair")
+                        with gr.Row():
+                            ba_mode = gr.Radio(WIPE_MODES, value="wipe", label="Mode", scale=1, min_width=90)
+                            ba_slider = gr.Slider(0, 100, value=50, step=1, scale=3, elem_id="ra-wipe",
+                                                  label="prior ◀ ▶ current (% of the current image shown)")
+                        ba_img = gr.Image(label="Current (left of the line) and registered prior", height=380,
+                                          interactive=False, format="png", elem_id="ra-pair-image")
+                    with gr.Tab("Report", id="report"):
+                        sent_img = gr.AnnotatedImage(label="Boxes of the selected sentence's findings", height=260,
+                                                     format="png", show_legend=True, elem_id="ra-sentence-boxes")
+                        sentences = gr.Radio(choices=[], value=None, label="Report sentences: click one to see its "
+                                             "findings", elem_id="ra-sentences")
+                        report = gr.Markdown("", elem_id="ra-report")
+                        files = gr.File(label="Files", file_count="multiple", interactive=False)
+                    with gr.Tab("Findings", id="findings"):
+                        table = gr.Dataframe(headers=FINDING_COLUMNS, value=[], label="Findings", interactive=False,
+                                             wrap=True)
 
         panel_outputs = [gallery, badge, table, report, files]
+        extra_outputs = [answer_state, keyimg, key_pick, ba_pick, ba_slider, ba_img, sentences, tabs, sent_img]
         chat_inputs = [box, chatbot, study, prior, thread_state]
-        chat_outputs = [chatbot, box, thread_state, *panel_outputs]
-        send.click(app.chat, chat_inputs, chat_outputs, api_name="chat")
-        box.submit(app.chat, chat_inputs, chat_outputs, api_visibility="private")
-        study.input(app.select_study, [study], [prior, chatbot, thread_state, *panel_outputs],
-                    api_visibility="private")
-        upload.upload(app.upload, [upload, chatbot, thread_state], [study, prior, chatbot, thread_state, *panel_outputs, upload],
-                      api_name="upload", concurrency_limit=1)
-        new_conv.click(lambda: ([], uuid.uuid4().hex, *panel(None)), None,
-                       [chatbot, thread_state, *panel_outputs], api_visibility="private")
+        chat_outputs = [chatbot, box, thread_state, *panel_outputs, *extra_outputs]
+        convs = dict(fn=app.conversations_update, inputs=[thread_state], outputs=[conv], api_visibility="private")
+        send.click(app.chat, chat_inputs, chat_outputs, api_name="chat").then(**convs)
+        box.submit(app.chat, chat_inputs, chat_outputs, api_visibility="private").then(**convs)
+        study.input(app.pick_study, [study, source],
+                    [source, study, prior, chatbot, thread_state, *panel_outputs, *extra_outputs],
+                    api_visibility="private", concurrency_limit=1, concurrency_id="import")
+        source.input(app.switch_source, [source], [source, study, prior], api_visibility="private")
+        upload.upload(app.upload, [upload, chatbot, thread_state],
+                      [study, prior, chatbot, thread_state, *panel_outputs, upload, *extra_outputs, source],
+                      api_name="upload", concurrency_limit=1, concurrency_id="import")
+        new_conv.click(app.new_conversation, None, [chatbot, thread_state, *panel_outputs, *extra_outputs],
+                       api_visibility="private").then(**convs)
+        conv.input(app.open_conversation, [conv],
+                   [study, prior, chatbot, thread_state, *panel_outputs, *extra_outputs], api_visibility="private")
+        key_pick.input(app.show_key, [key_pick, answer_state], [keyimg], api_visibility="private")
+        wipe_args = dict(fn=app.wipe, inputs=[ba_pick, ba_slider, ba_mode, answer_state], outputs=[ba_img],
+                         api_visibility="private", show_progress="hidden", trigger_mode="always_last",
+                         concurrency_limit=None)
+        ba_slider.input(**wipe_args)
+        ba_slider.release(**wipe_args)
+        ba_mode.input(**wipe_args)
+        ba_pick.input(**wipe_args)
+        sentences.input(app.select_sentence, [sentences, answer_state], [gallery, keyimg, key_pick, sent_img],
+                        api_visibility="private")
         demo.load(app.refresh, [study], [study, prior], api_visibility="private")
+        demo.load(**convs)
         gr.api(app.ask_api, api_name="ask")
         gr.api(app.studies_api, api_name="studies", concurrency_limit=None)
+        gr.api(app.pacs_studies_api, api_name="pacs_studies", concurrency_limit=None)
+        gr.api(app.open_pacs_api, api_name="open_pacs", concurrency_limit=1, concurrency_id="import")
+        gr.api(app.conversations_api, api_name="conversations", concurrency_limit=None)
 
     demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY)
     demo.radassist_app = app  # type: ignore[attr-defined]
     demo.radassist_auth = auth  # type: ignore[attr-defined]
+    demo.radassist_css = CSS  # type: ignore[attr-defined]
     return demo
 
 
@@ -532,8 +1137,10 @@ def prepare_demo_patient(consultant: Consultant, seed: int = 7) -> list[Any]:
 
 
 def launch_demo(host: str = "127.0.0.1", port: int = 7860, auth_file: str | Path | None = None,
-                block: bool = True, consultant: Consultant | None = None) -> gr.Blocks:
-    """Start the web UI with the demo patient (no browser opened, never a public share link)."""
+                block: bool = True, consultant: Consultant | None = None, pacs_url: str | None = None,
+                demo_patient: bool = True) -> gr.Blocks:
+    """Start the web UI (no browser opened, never a public share link). The demo patient is written into an
+    empty store unless ``demo_patient`` is False; ``pacs_url`` (or ``RADASSIST_PACS_URL``) adds the PACS source."""
     if host not in LOCAL_HOSTS and not auth_file:
         raise ConfigError(f"Refusing to serve on {host} without sign-in: beyond localhost the demo needs a users "
                           "file (--auth users.txt with user:sha256-of-password lines).")
@@ -542,10 +1149,12 @@ def launch_demo(host: str = "127.0.0.1", port: int = 7860, auth_file: str | Path
         from agents.engine import Consultant
 
         consultant = Consultant()
-    prepare_demo_patient(consultant)
+    if demo_patient:
+        prepare_demo_patient(consultant)
     (consultant.home / "evidence").mkdir(parents=True, exist_ok=True)
-    demo = build_app(consultant, auth=auth)
+    demo = build_app(consultant, auth=auth, pacs=pacs_url)
     demo.launch(server_name=host, server_port=port, inbrowser=False, share=False, auth=auth,
                 auth_message="radassist: sign in" if auth else None, prevent_thread_lock=not block,
-                allowed_paths=[str(consultant.home / "evidence")], show_error=False, quiet=False)
+                allowed_paths=[str(consultant.home / "evidence")], show_error=False, quiet=False,
+                max_file_size=f"{MAX_UPLOAD_MB}mb", css=CSS)
     return demo

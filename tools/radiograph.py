@@ -1,0 +1,1654 @@
+"""Chest radiographs (PA films, CR/DX): anatomy, cardiothoracic ratio, rounded opacities, comparison.
+
+Classical methods only (no weights), the embedded default on CPU. ``analyze_radiograph(series)``
+(cached per series uid) works on a *working image*: the film block-averaged so that its longer side
+is ~``WORK_PX`` pixels and scaled to its 0.5-99.5 % intensity range (MONOCHROME1 films were already
+inverted by :mod:`tools.dicom_io`, so bone and soft tissue are bright and the lungs dark).
+
+1. *Lung fields*: a row-wise black top-hat (a grey closing along each row with a line half the
+   film wide, the film padded with black at its sides) measures how much darker each pixel is than
+   the brighter walls on both sides of it on its row (chest wall and mediastinum); this removes slow
+   intensity trends (breasts, exposure, processing) and leaves the air outside the body at zero.
+   Hysteresis thresholding (Otsu on the top-hat and half of it), a cut at the midline (the brightest
+   column of the central part: spine/mediastinum), an opening, and the largest component on each
+   side that does not touch the film's border give the right and left lung fields (standard display:
+   the patient's right on the image left), holes filled. Zones are craniocaudal thirds (rows) of each
+   field.
+2. *Mediastinum, trachea, heart, diaphragm*: the mediastinum lies between the fields' medial
+   borders; the trachea is the darkest band near the midline above the hila; the heart's right and
+   left borders are the medial borders of the fields in the lower part of the thorax (median
+   filtered along the rows); the diaphragm domes are the highest points of the fields' lower borders.
+3. *Cardiothoracic ratio*: (largest distance of the right heart border from the midline + that of
+   the left heart border) / the largest distance on one row between the fields' lateral borders.
+4. *Costophrenic angles*: the infero-lateral corner of each field; the angle between lines fitted
+   to the lateral border above it and to the diaphragm contour medial to it (sharp < ``CP_BLUNT_DEG``).
+5. *Rounded opacities*: multi-scale scale-normalised LoG blobs (bright) on the working image inside
+   the (slightly dilated) fields, with a Hessian blob test (both curvatures negative, ratio), a ring
+   test (the blob must be brighter than its surroundings in every direction, which rejects rib
+   crossings and vessels: they continue as bright bands), contrast against the local lung texture;
+   each kept candidate is segmented at half maximum in its ROI and measured (long/short axis, mean
+   diameter: mm when the pixel spacing is known, else pixels).
+
+``run_radiograph_detector(study, req)`` answers the same requests as the CT detector;
+``compare_radiographs(current, prior)`` registers the prior to the current film (SimpleITK 2-D,
+similarity then affine, on the lung-field region), matches opacities (Hungarian on registered
+distance) and classifies size change (Lung-RADS rule: grew when the mean diameter rose > 1.5 mm).
+``evaluate_radiographs(seeds)`` measures all this on DRR pairs projected from the CT phantoms.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.optimize import linear_sum_assignment
+
+from tools import vocab
+from tools.cache import CACHE
+from tools.errors import StudyError, UnsupportedError
+from tools.schemas import Change, Evidence, Finding
+from tools.study import Series, Study
+
+log = logging.getLogger(__name__)
+
+WORK_PX = 512  # longer side of the working image
+ASSUMED_THORAX_MM = 280.0  # only to choose blob scales on films without pixel spacing (never reported)
+MIN_OPACITY_MM = 6.0  # smallest opacity reported
+MASS_MM = 30.0
+GROWTH_MM = 1.5
+CP_BLUNT_DEG = 90.0
+MIN_CONFIDENCE = 0.35
+MAX_OPACITIES = 12
+HEART_TOP_FRAC = 0.65  # the heart borders are sought below this fraction of the fields' height
+LINE_MM = 35.0  # line openings: nodules shorter than this in every direction survive
+LINE_MM_MASS = 90.0
+SEG_LEVEL = 0.3  # opacity borders at 30 % of the core's contrast (a projected sphere: ~0.95 R)
+Z_OPACITY = 5.0  # contrast (noise units of the residual) at confidence 0.5 of the contrast term
+HYST_LOW = 0.4  # hysteresis: weak threshold as a fraction of the Otsu threshold of the top-hat
+
+SIDES = ("right", "left")
+ZONES = ("upper", "middle", "lower")
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class RadiographAnalysis:
+    series_uid: str
+    shape: tuple[int, int]  # full film (rows, cols)
+    factor: int  # full pixels per working pixel
+    spacing_mm: tuple[float, float] | None  # (column, row) spacing, None when unknown
+    work: np.ndarray  # float32 working image in [0, 1]
+    fields: np.ndarray  # uint8 working grid: 0, 1 right lung field, 2 left lung field
+    midline_col: float  # full-film column of the midline
+    boxes: dict[str, list[int]]  # region name -> full-film pixel box [x0, y0, x1, y1]
+    ctr: float | None
+    ctr_geometry: dict[str, Any]  # heart / thorax widths (px, mm) and the lines to draw
+    costophrenic: dict[str, dict[str, Any]]  # side -> point_px, angle_deg, blunted
+    diaphragm: dict[str, dict[str, Any]]  # side -> dome_px
+    opacities: list[Finding]
+    px_per_mm_est: float  # working pixels per mm (from the spacing, or assumed from the thorax width)
+    runtime_s: float
+    notes: list[str] = field(default_factory=list)
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # all scored blob candidates (debug)
+    residual: np.ndarray | None = None  # line-opening residual of the working image (blobs)
+    residual_rms: float = 1.0
+
+    @property
+    def units(self) -> str:
+        return "mm" if self.spacing_mm is not None else "px"
+
+    def field_mask(self, side: str | None = None) -> np.ndarray:
+        if side is None:
+            return self.fields > 0
+        return self.fields == (1 if side == "right" else 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _bbox(mask: np.ndarray) -> list[int] | None:
+    rr = np.flatnonzero(mask.any(axis=1))
+    if rr.size == 0:
+        return None
+    cc = np.flatnonzero(mask.any(axis=0))
+    return [int(cc[0]), int(rr[0]), int(cc[-1]), int(rr[-1])]
+
+
+def _disk(r: int) -> np.ndarray:
+    r = max(1, int(r))
+    y, x = np.ogrid[-r:r + 1, -r:r + 1]
+    return x * x + y * y <= r * r
+
+
+def _otsu(values: np.ndarray) -> float:
+    from skimage.filters import threshold_otsu
+
+    v = values[np.isfinite(values)]
+    if v.size == 0 or float(v.max()) <= float(v.min()):
+        return float(v.max()) if v.size else 0.0
+    return float(threshold_otsu(v))
+
+
+def _work_image(series: Series) -> tuple[np.ndarray, int]:
+    a = np.asarray(series.pixels[0], dtype=np.float32)
+    f = max(1, int(math.ceil(max(a.shape) / WORK_PX)))
+    h, w = a.shape[0] // f * f, a.shape[1] // f * f
+    if f > 1:
+        a = a[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3), dtype=np.float32)
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    if hi <= lo:
+        raise StudyError("This radiograph has no contrast (a blank image); it cannot be analysed.")
+    return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), f
+
+
+def _full_box(b: list[int], f: int, shape: tuple[int, int]) -> list[int]:
+    return [int(b[0] * f), int(b[1] * f), int(min(shape[1] - 1, b[2] * f + f - 1)),
+            int(min(shape[0] - 1, b[3] * f + f - 1))]
+
+
+def zone_bounds(box: list[int]) -> list[float]:
+    """Row cuts [r0, r1, r2, r3] of the craniocaudal thirds of a field box (full pixels)."""
+    r0, r3 = float(box[1]), float(box[3] + 1)
+    h = (r3 - r0) / 3.0
+    return [r0, r0 + h, r0 + 2 * h, r3]
+
+
+def _zone_of_row(row: float, box: list[int]) -> str:
+    _, b1, b2, _ = zone_bounds(box)
+    return "upper" if row < b1 else ("middle" if row < b2 else "lower")
+
+
+# ----------------------------------------------------------------------------------------------
+# lung fields
+
+
+def _row_tophat(sm: np.ndarray) -> np.ndarray:
+    """Black top-hat along rows: how much darker each pixel is than the bright walls on both sides."""
+    w = sm.shape[1]
+    length = max(3, int(0.5 * w))
+    p = np.pad(sm, ((0, 0), (length, length)), mode="constant", constant_values=0.0)
+    cl = ndi.grey_closing(p, size=(1, length))[:, length:-length]
+    return cl - sm
+
+
+def _midline(sm: np.ndarray) -> int:
+    h, w = sm.shape
+    prof = sm[int(0.15 * h):int(0.85 * h)].mean(axis=0)
+    prof = ndi.uniform_filter1d(prof, max(3, w // 60))
+    c0, c1 = int(0.3 * w), int(0.7 * w)
+    return c0 + int(np.argmax(prof[c0:c1]))
+
+
+def _segment_fields(work: np.ndarray, notes: list[str]) -> tuple[np.ndarray, int, np.ndarray]:
+    from skimage.filters import apply_hysteresis_threshold
+
+    h, w = work.shape
+    sm = ndi.gaussian_filter(work, 1.5)
+    bth = _row_tophat(sm)
+    t = _otsu(bth)
+    mask = apply_hysteresis_threshold(bth, HYST_LOW * t, t)
+    mid = _midline(sm)
+    mask[:, max(0, mid - 1):mid + 2] = False
+    raw = mask.copy()
+    r_open = max(2, int(round(0.012 * w)))
+    mask = ndi.binary_opening(mask, structure=_disk(r_open))
+    lab, n = ndi.label(mask)
+    fields = np.zeros((h, w), dtype=np.uint8)
+    if n == 0:
+        notes.append("no lung fields found: the image may not be a chest film")
+        return fields, mid, bth
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    border = set(np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])).tolist()) - {0}
+    objs = ndi.find_objects(lab)
+    min_area = 0.01 * h * w
+    for code, side in ((1, "right"), (2, "left")):
+        best = None
+        for strict in (True, False):
+            for i in np.argsort(-sizes):
+                if sizes[i] < min_area:
+                    break
+                sl = objs[i - 1]
+                cx = 0.5 * (sl[1].start + sl[1].stop - 1)
+                on_side = cx < mid if code == 1 else cx > mid
+                if on_side and (not strict or i not in border):
+                    best = int(i)
+                    break
+            if best is not None:
+                if not strict:
+                    notes.append(f"the {side} lung field touches the film's edge (cropped film?)")
+                break
+        if best is None:
+            notes.append(f"the {side} lung field was not found")
+            continue
+        core = lab == best
+        # give back what the opening shaved off (the costophrenic tips): the hysteresis mask near the core
+        near = ndi.binary_dilation(core, structure=_disk(4 * r_open))
+        m = _component_touching(raw & near, core)
+        m = _cut_below_dome(m, bth, t, code, r_open)
+        m = ndi.binary_closing(m, structure=_disk(r_open), border_value=0) | m
+        m = ndi.binary_fill_holes(m)
+        if code == 1:
+            m[:, mid:] = False
+        else:
+            m[:, :mid + 1] = False
+        fields[m & (fields == 0)] = code
+    return fields, mid, bth
+
+
+def _component_touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    lab, _ = ndi.label(mask)
+    ids = np.unique(lab[seed & mask])
+    ids = ids[ids > 0]
+    return np.isin(lab, ids) if ids.size else seed
+
+
+def _cut_below_dome(m: np.ndarray, bth: np.ndarray, t: float, code: int, r_open: int) -> np.ndarray:
+    """Below the dome's apex and medial to it, keep only clearly dark pixels (the strong threshold):
+    the faintly dark region under the medial diaphragm (lung behind the liver or heart) is not lung field."""
+    d = _dome(m.astype(np.uint8) * code, code)
+    if d is None:
+        return m
+    col_d, row_d = d
+    rows = np.arange(m.shape[0])[:, None]
+    cols = np.arange(m.shape[1])[None, :]
+    medial = cols > col_d if code == 1 else cols < col_d
+    below = (rows > row_d) & medial
+    out = m & ~(below & (bth < t))
+    # and no thin strips there (along the heart border under the dome)
+    op = ndi.binary_opening(out, structure=_disk(r_open))
+    out &= ~below | op
+    lab, n = ndi.label(out)
+    if n > 1:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        out = lab == int(np.argmax(sizes))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# heart, thorax, diaphragm, costophrenic angles
+
+
+def _medial_lateral(fields: np.ndarray, code: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: medial and lateral border columns of one field (-1 where absent)."""
+    m = fields == code
+    h, w = m.shape
+    cols = np.arange(w)
+    any_ = m.any(axis=1)
+    first = np.where(any_, np.argmax(m, axis=1), -1)
+    last = np.where(any_, w - 1 - np.argmax(m[:, ::-1], axis=1), -1)
+    del cols
+    if code == 1:  # right field, image left: lateral = first, medial = last
+        return last, first
+    return first, last
+
+
+def _heart_and_thorax(fields: np.ndarray, mid: int, f: int) -> tuple[dict[str, Any], list[str]]:
+    notes: list[str] = []
+    med_r, lat_r = _medial_lateral(fields, 1)
+    med_l, lat_l = _medial_lateral(fields, 2)
+    both = (med_r >= 0) & (med_l >= 0)
+    out: dict[str, Any] = {}
+    rows_both = np.flatnonzero(both)
+    if rows_both.size == 0:
+        return out, ["the cardiothoracic ratio needs both lung fields"]
+    width = np.where(both, lat_l - lat_r, -1)
+    tr = int(np.argmax(width))
+    out["thorax"] = {"row": tr, "cols": [int(lat_r[tr]), int(lat_l[tr])], "width": int(lat_l[tr] - lat_r[tr] + 1)}
+    # heart rows: the lower part of the thorax, down to where each field's medial border stops
+    # following the heart (it jumps laterally under the dome, or the field ends)
+    top = int(min(np.flatnonzero(med_r >= 0)[0], np.flatnonzero(med_l >= 0)[0]))
+    bot = int(max(np.flatnonzero(med_r >= 0)[-1], np.flatnonzero(med_l >= 0)[-1]))
+    r_a = int(top + HEART_TOP_FRAC * (bot - top))
+    k = max(3, int(round(0.04 * (bot - top))) | 1)
+    jump = max(3.0, 0.03 * fields.shape[1])
+    mrd = np.full(fields.shape[0], -1.0)
+    mld = np.full(fields.shape[0], -1.0)
+    for arr, med, sgn, code in ((mrd, med_r, -1, 1), (mld, med_l, 1, 2)):
+        valid = med >= 0
+        dome = _dome(fields, code)
+        r_end = dome[1] if dome is not None else fields.shape[0] - 1
+        idx = np.flatnonzero(valid)
+        if idx.size == 0:
+            continue
+        vals = np.where(valid, sgn * (med - mid), np.nan).astype(float)
+        vals[~valid] = np.interp(np.flatnonzero(~valid), idx, vals[idx])
+        smv = ndi.median_filter(vals, size=k, mode="nearest")
+        prev = None
+        for r in range(r_a, r_end + 1):
+            if not valid[r]:
+                if r > idx[-1]:
+                    break
+                continue
+            if prev is not None and smv[r] - prev > jump:
+                break
+            arr[r] = smv[r]
+            prev = smv[r]
+    rows_r = np.flatnonzero(mrd >= 0)
+    rows_l = np.flatnonzero(mld >= 0)
+    if rows_r.size == 0 or rows_l.size == 0:
+        return out, notes + ["the heart borders could not be traced"]
+    rr = int(rows_r[np.argmax(mrd[rows_r])])
+    rl = int(rows_l[np.argmax(mld[rows_l])])
+    right_col = mid - mrd[rr]
+    left_col = mid + mld[rl]
+    hw = float(left_col - right_col + 1)
+    heart_top = r_a
+    heart_bot = int(min(bot, max(rr, rl) + 0.25 * (bot - top)))
+    out["heart"] = {"right": [float(right_col), rr], "left": [float(left_col), rl], "width": hw,
+                    "box": [int(right_col), heart_top, int(left_col), heart_bot]}
+    out["ctr"] = hw / max(out["thorax"]["width"], 1)
+    out["midline"] = mid
+    return out, notes
+
+
+def _costophrenic(fields: np.ndarray, code: int, px_per_mm: float) -> dict[str, Any] | None:
+    m = fields == code
+    rr, cc = np.nonzero(m)
+    if rr.size == 0:
+        return None
+    side = "right" if code == 1 else "left"
+    score = rr - cc if code == 1 else rr + cc
+    i = int(np.argmax(score))
+    pr, pc = int(rr[i]), int(cc[i])
+    med, lat = _medial_lateral(fields, code)
+    reach = max(6, int(round(25.0 * px_per_mm)))  # ~25 mm
+    # lateral border above the corner: (row, lateral col)
+    rows = np.arange(max(0, pr - reach), pr)
+    rows = rows[lat[rows] >= 0]
+    # diaphragm contour medial to the corner: per column, the field's lowest row
+    colsel = np.arange(pc + 1, min(fields.shape[1], pc + reach)) if code == 1 else np.arange(max(0, pc - reach), pc)
+    low = np.array([np.flatnonzero(m[:, c])[-1] if m[:, c].any() else -1 for c in colsel], dtype=float)
+    ok = low >= 0
+    angle = None
+    if rows.size >= 3 and ok.sum() >= 3:
+        a1 = np.polyfit(rows.astype(float), lat[rows].astype(float), 1)  # col = a*row + b
+        v1 = np.array([-1.0, -a1[0]])  # (drow, dcol) going up the lateral wall
+        a2 = np.polyfit(colsel[ok].astype(float), low[ok], 1)  # row = a*col + b
+        dc = 1.0 if code == 1 else -1.0
+        v2 = np.array([a2[0] * dc, dc])  # going medially along the diaphragm
+        cosang = float(v1 @ v2 / (np.linalg.norm(v1) * np.linalg.norm(v2)))
+        angle = float(np.degrees(np.arccos(np.clip(cosang, -1.0, 1.0))))
+    return {"side": side, "point": [pc, pr], "angle_deg": angle,
+            "blunted": bool(angle is not None and angle > CP_BLUNT_DEG)}
+
+
+def _dome(fields: np.ndarray, code: int) -> list[int] | None:
+    m = fields == code
+    cols = np.flatnonzero(m.any(axis=0))
+    if cols.size < 5:
+        return None
+    c0, c1 = cols[0], cols[-1]
+    span = c1 - c0
+    sel = np.arange(int(c0 + 0.2 * span), int(c1 - 0.2 * span) + 1)
+    bottoms = np.array([np.flatnonzero(m[:, c])[-1] for c in sel])
+    j = int(np.argmin(bottoms))
+    return [int(sel[j]), int(bottoms[j])]
+
+
+def _trachea_box(sm: np.ndarray, fields: np.ndarray, mid: int) -> list[int] | None:
+    h, w = sm.shape
+    rows = np.flatnonzero((fields > 0).any(axis=1))
+    if rows.size == 0:
+        return None
+    top, bot = int(rows[0]), int(rows[-1])
+    r1 = int(top + 0.35 * (bot - top))
+    half = max(4, int(0.06 * w))
+    c0, c1 = max(0, mid - half), min(w, mid + half + 1)
+    band = sm[max(0, top - int(0.05 * h)):r1, c0:c1].mean(axis=0)
+    if band.size < 5:
+        return None
+    band = ndi.uniform_filter1d(band, 3)
+    j = int(np.argmin(band))
+    depth = float(band.max() - band[j])
+    if depth <= 0:
+        return None
+    half_level = band[j] + 0.5 * depth
+    lo = j
+    while lo > 0 and band[lo - 1] < half_level:
+        lo -= 1
+    hi = j
+    while hi < band.size - 1 and band[hi + 1] < half_level:
+        hi += 1
+    return [c0 + lo, max(0, top - int(0.05 * h)), c0 + hi, r1]
+
+
+# ----------------------------------------------------------------------------------------------
+# rounded opacities
+
+
+def _hessian(img: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    s2 = sigma * sigma
+    hrr = ndi.gaussian_filter(img, sigma, order=(2, 0)) * s2
+    hcc = ndi.gaussian_filter(img, sigma, order=(0, 2)) * s2
+    hrc = ndi.gaussian_filter(img, sigma, order=(1, 1)) * s2
+    return hrr, hcc, hrc
+
+
+def _ring_profile(img: np.ndarray, r: float, c: float, radius: float, n: int = 24) -> np.ndarray:
+    ang = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    rr = r + radius * np.sin(ang)
+    cc = c + radius * np.cos(ang)
+    return ndi.map_coordinates(img, [rr, cc], order=1, mode="nearest")
+
+
+def _measure_blob(img: np.ndarray, r: float, c: float, radius: float, allowed: np.ndarray | None,
+                  level: float = 0.5) -> dict[str, Any] | None:
+    """Threshold (``level`` of the core's contrast: 0.5 = half maximum) segmentation of the bright blob at (r, c) (working pixels) in an ROI."""
+    h, w = img.shape
+    half = int(math.ceil(4.0 * radius + 6))
+    r0, r1 = max(0, int(r) - half), min(h, int(r) + half + 1)
+    c0, c1 = max(0, int(c) - half), min(w, int(c) + half + 1)
+    roi = img[r0:r1, c0:c1]
+    if roi.shape[0] < 5 or roi.shape[1] < 5:
+        return None
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    d2 = (yy - r) ** 2 + (xx - c) ** 2
+    inner = d2 <= max(1.5, 0.5 * radius) ** 2
+    ring = (d2 >= (1.5 * radius) ** 2) & (d2 <= (2.3 * radius) ** 2)
+    if allowed is not None:
+        ring &= allowed[r0:r1, c0:c1]
+    if inner.sum() == 0 or ring.sum() < 8:
+        return None
+    core = float(np.percentile(roi[inner], 75))
+    bg = float(np.median(roi[ring]))
+    contrast = core - bg
+    if contrast <= 0:
+        return None
+    obj = roi > bg + level * contrast
+    lab, n = ndi.label(obj)
+    ci, cj = int(round(r)) - r0, int(round(c)) - c0
+    cid = int(lab[min(max(ci, 0), roi.shape[0] - 1), min(max(cj, 0), roi.shape[1] - 1)])
+    if cid == 0:
+        ids = lab[inner & (lab > 0)]
+        if ids.size == 0:
+            return None
+        cid = int(np.bincount(ids).argmax())
+    m = lab == cid
+    # detach what runs on (ribs, vessels): open with a disk scaled to the blob, keep the centre part
+    ro = max(1, int(round(0.45 * radius)))
+    op = ndi.binary_opening(m, structure=_disk(ro))
+    lab2, n2 = ndi.label(op)
+    if n2:
+        ids = lab2[inner & (lab2 > 0)]
+        if ids.size:
+            core_m = lab2 == int(np.bincount(ids).argmax())
+            m = m & ndi.binary_dilation(core_m, structure=_disk(ro + 1))
+    area = int(m.sum())
+    if area < 4:
+        return None
+    touches = bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
+    ys, xs = np.nonzero(m)
+    cy, cx = float(ys.mean()), float(xs.mean())
+    cov = np.cov(np.stack([ys - cy, xs - cx])) + np.eye(2) / 12.0
+    ev, evec = np.linalg.eigh(cov)
+    ev = np.clip(ev, 1e-6, None)
+    elong = float(np.sqrt(ev[1] / ev[0]))
+    # long / short axis: extents along the principal axes (pixel-edge corrected by the area)
+    pts = np.stack([ys - cy, xs - cx], axis=1)
+    p1 = pts @ evec[:, 1]
+    p0 = pts @ evec[:, 0]
+    long_ = float(p1.max() - p1.min() + 1.0)
+    short = float(p0.max() - p0.min() + 1.0)
+    k = float(np.clip(np.sqrt(area / (np.pi / 4.0 * long_ * short)), 0.8, 1.0))
+    long_ *= k
+    short *= k
+    try:
+        from skimage.morphology import convex_hull_image
+
+        fill = area / max(1, int(convex_hull_image(m).sum()))
+    except Exception:  # degenerate masks
+        fill = 1.0
+    return {"row": cy + r0, "col": cx + c0, "long": long_, "short": short, "diam": 0.5 * (long_ + short),
+            "area": area, "contrast": contrast, "bg": bg, "elong": elong, "touches": touches,
+            "fill": float(fill), "mask": m, "offset": (r0, c0)}
+
+
+def _line_footprint(length: float, theta: float) -> np.ndarray:
+    from skimage.draw import line as sk_line
+
+    h = 0.5 * length
+    n = int(math.ceil(h)) + 1
+    dx, dy = h * math.cos(theta), h * math.sin(theta)
+    fp = np.zeros((2 * n + 1, 2 * n + 1), dtype=bool)
+    rr, cc = sk_line(int(round(n - dy)), int(round(n - dx)), int(round(n + dy)), int(round(n + dx)))
+    fp[rr, cc] = True
+    return fp
+
+
+def _line_residual(img: np.ndarray, length_px: float, n_dir: int = 12) -> np.ndarray:
+    """Image minus its largest grey opening by a line of ``length_px`` over ``n_dir`` orientations: what
+    remains is bright and shorter than the line in every direction (blobs), while ribs, vessels and
+    edges, which contain such a line, are flattened (a rotating line-opening top-hat)."""
+    b: np.ndarray | None = None
+    for th in np.arange(n_dir) * np.pi / n_dir:
+        o = ndi.grey_opening(img, footprint=_line_footprint(length_px, float(th)))
+        b = o if b is None else np.maximum(b, o)
+    assert b is not None
+    return img - b
+
+
+def _opacity_candidates(work: np.ndarray, fields: np.ndarray, px_per_mm: float
+                        ) -> tuple[list[dict[str, Any]], np.ndarray, float]:
+    lung = fields > 0
+    if not lung.any():
+        return [], np.zeros_like(work), 1.0
+    img = ndi.gaussian_filter(work.astype(np.float32), 0.7)
+    search = ndi.binary_dilation(lung, structure=_disk(max(1, int(round(4.0 * px_per_mm)))))
+    # residuals: short lines for nodules, long lines (on a half-size image) for masses
+    res_s = _line_residual(img, max(7.0, LINE_MM * px_per_mm))
+    half = img[: img.shape[0] // 2 * 2, : img.shape[1] // 2 * 2]
+    half = half.reshape(half.shape[0] // 2, 2, half.shape[1] // 2, 2).mean(axis=(1, 3))
+    res_l_h = _line_residual(half, max(7.0, LINE_MM_MASS * px_per_mm / 2.0))
+    res_l = np.zeros_like(img)
+    up = np.kron(res_l_h, np.ones((2, 2), dtype=np.float32))
+    res_l[: up.shape[0], : up.shape[1]] = up
+    # scale of the residual inside the lungs (RMS: the residual is mostly zero, so no MAD)
+    noise_s = float(np.sqrt(np.mean(res_s[lung] ** 2))) + 1e-6
+    noise_l = float(np.sqrt(np.mean(res_l[lung] ** 2))) + 1e-6
+    radii: list[float] = []
+    rad = 0.5 * MIN_OPACITY_MM * px_per_mm
+    while rad <= 0.5 * 70.0 * px_per_mm:
+        radii.append(rad)
+        rad *= 1.25
+    cands: list[dict[str, Any]] = []
+    for radius in radii:
+        big = radius > 0.5 * LINE_MM * px_per_mm * 0.7
+        res, noise = (res_l, noise_l) if big else (res_s, noise_s)
+        sigma = max(0.8, radius / math.sqrt(2.0))
+        resp = -ndi.gaussian_laplace(res, sigma) * sigma * sigma
+        peaks = (resp == ndi.maximum_filter(resp, size=max(3, int(radius) | 1))) & search & (resp > 1.0 * noise)
+        for rr, cc in np.argwhere(peaks):
+            cands.append({"row": float(rr), "col": float(cc), "radius": radius, "z": float(resp[rr, cc] / noise),
+                          "big": big})
+    cands.sort(key=lambda c: -c["z"])
+    kept: list[dict[str, Any]] = []
+    for c in cands:
+        if any((c["row"] - k["row"]) ** 2 + (c["col"] - k["col"]) ** 2 < (0.9 * max(c["radius"], k["radius"])) ** 2
+               for k in kept):
+            continue
+        kept.append(c)
+        if len(kept) >= 200:
+            break
+    lat_dist = _lateral_distance(fields)
+    out: list[dict[str, Any]] = []
+    for c in kept:
+        res, noise = (res_l, noise_l) if c["big"] else (res_s, noise_s)
+        seg = _measure_blob(res, c["row"], c["col"], c["radius"], None, level=SEG_LEVEL)
+        if seg is None:
+            continue
+        ri = int(np.clip(round(seg["row"]), 0, img.shape[0] - 1))
+        ci = int(np.clip(round(seg["col"]), 0, img.shape[1] - 1))
+        rad_seg = max(0.5 * seg["diam"], 1.0)
+        # the ring test on the film itself: darker than the core all around (not a rib crossing)
+        core_img = float(ndi.map_coordinates(img, [[seg["row"]], [seg["col"]]], order=1)[0])
+        ring = _ring_profile(img, seg["row"], seg["col"], max(1.5 * rad_seg, rad_seg + 2.0))
+        core = seg["bg"] + seg["contrast"]
+        ring_dark = float(np.mean(ring < core_img - 0.5 * seg["contrast"]))
+        d_mm = seg["diam"] / px_per_mm
+        z_c = seg["contrast"] / noise
+        edge_mm = float(lat_dist[ri, ci]) / px_per_mm
+        cand = {**c, "seg": seg, "diam_mm_est": d_mm, "z_contrast": z_c, "ring_dark": ring_dark,
+                "elong": seg["elong"], "fill": seg["fill"], "edge_mm": edge_mm,
+                "in_field": bool(lung[ri, ci]), "core": core}
+        cand["conf"] = _opacity_confidence(cand)
+        out.append(cand)
+    out.sort(key=lambda c: -c["conf"])
+    final: list[dict[str, Any]] = []
+    for c in out:
+        s_ = c["seg"]
+        if any(math.hypot(s_["row"] - k["seg"]["row"], s_["col"] - k["seg"]["col"]) < 0.6 * max(s_["diam"],
+                                                                                                    k["seg"]["diam"])
+               for k in final):
+            continue
+        final.append(c)
+    return final, res_s, noise_s
+
+
+def _lateral_distance(fields: np.ndarray) -> np.ndarray:
+    """Distance (working px) of each pixel from the lateral border of its field (0 outside the fields)."""
+    out = np.zeros(fields.shape, dtype=np.float32)
+    w = fields.shape[1]
+    cols = np.arange(w)[None, :].astype(np.float32)
+    for code in (1, 2):
+        med, lat = _medial_lateral(fields, code)
+        latc = lat.astype(np.float32)[:, None]
+        d = (cols - latc) if code == 1 else (latc - cols)
+        m = (fields == code) & (lat[:, None] >= 0)
+        out[m] = np.maximum(d, 0)[m]
+    return out
+
+
+def _ramp(x: float, lo: float, hi: float) -> float:
+    return float(np.clip((x - lo) / (hi - lo), 0.0, 1.0))
+
+
+def _opacity_confidence(c: dict[str, Any]) -> float:
+    """0-1 from contrast over the line-opening background (in RMS units of that residual in the lungs), the
+    ring test on the film (darker than the core all around: not a rib crossing or a vessel), compactness,
+    size, and position (rib ends crowd the lateral border)."""
+    s_contrast = 1.0 / (1.0 + math.exp(-(c["z_contrast"] - Z_OPACITY) * 1.5))
+    s_ring = _ramp(c["ring_dark"], 0.7, 0.95)
+    s_shape = _ramp(2.2 - c["elong"], 0.0, 0.7) * _ramp(c["fill"], 0.72, 0.85)
+    s_size = _ramp(c["diam_mm_est"], MIN_OPACITY_MM, MIN_OPACITY_MM + 3.0)
+    conf = s_contrast * (0.2 + 0.8 * s_ring) * (0.3 + 0.7 * s_shape) * (0.3 + 0.7 * s_size)
+    if c["seg"]["touches"]:
+        conf *= 0.6
+    if c["edge_mm"] < 8.0 and c["diam_mm_est"] < 15.0:
+        conf *= 0.7
+    if not c["in_field"]:
+        conf *= 0.7
+    return float(conf)
+
+
+# ----------------------------------------------------------------------------------------------
+# analysis
+
+
+def _side_zone(an_fields: np.ndarray, boxes: dict[str, list[int]], row_w: float, col_w: float, f: int,
+               mid_w: int) -> tuple[str | None, str | None]:
+    h, w = an_fields.shape
+    ri, ci = int(np.clip(round(row_w), 0, h - 1)), int(np.clip(round(col_w), 0, w - 1))
+    code = int(an_fields[ri, ci])
+    if code == 0:
+        # nearest field
+        d = ndi.distance_transform_edt(an_fields == 0, return_distances=False, return_indices=True)
+        code = int(an_fields[d[0][ri, ci], d[1][ri, ci]])
+    side = "right" if code == 1 else ("left" if code == 2 else ("right" if col_w < mid_w else "left"))
+    box = boxes.get(f"{side} lung")
+    zone = _zone_of_row(row_w * f + (f - 1) / 2.0, box) if box else None
+    return side, zone
+
+
+def _analyze(series: Series) -> RadiographAnalysis:
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    work, f = _work_image(series)
+    full_shape = (int(series.pixels.shape[1]), int(series.pixels.shape[2]))
+    spacing = (float(series.spacing[0]), float(series.spacing[1])) if series.spacing_known else None
+    if spacing is None:
+        notes.append("pixel spacing unknown: sizes and distances are in pixels")
+    fields, mid, _ = _segment_fields(work, notes)
+    boxes: dict[str, list[int]] = {}
+    for code, side in ((1, "right"), (2, "left")):
+        b = _bbox(fields == code)
+        if b is None:
+            continue
+        fb = _full_box(b, f, full_shape)
+        boxes[f"{side} lung"] = fb
+        m = fields == code
+        r0, r3 = b[1], b[3] + 1
+        hh = (r3 - r0) / 3.0
+        cuts = [r0, int(round(r0 + hh)), int(round(r0 + 2 * hh)), r3]
+        for n, zone in enumerate(ZONES):
+            sub = np.zeros_like(m)
+            sub[cuts[n]:cuts[n + 1]] = m[cuts[n]:cuts[n + 1]]
+            zb = _bbox(sub)
+            if zb is not None:
+                boxes[f"{side} {zone} zone"] = _full_box(zb, f, full_shape)
+    lb = _bbox(fields > 0)
+    if lb is not None:
+        boxes["lungs"] = _full_box(lb, f, full_shape)
+    # scale: working pixels per mm (known spacing, else assumed from the thorax width)
+    geo, gnotes = _heart_and_thorax(fields, mid, f)
+    notes += gnotes
+    if spacing is not None:
+        px_per_mm = 1.0 / (f * 0.5 * (spacing[0] + spacing[1]))
+    elif "thorax" in geo:
+        px_per_mm = geo["thorax"]["width"] / ASSUMED_THORAX_MM
+    else:
+        px_per_mm = work.shape[1] / 400.0
+    ctr = None
+    ctr_geo: dict[str, Any] = {}
+    if "ctr" in geo:
+        ctr = float(geo["ctr"])
+        hwid = geo["heart"]["width"] * f
+        twid = geo["thorax"]["width"] * f
+        ctr_geo = {
+            "heart_width_px": round(hwid, 1), "thorax_width_px": round(twid, 1),
+            "heart_width_mm": round(hwid * spacing[0], 1) if spacing else None,
+            "thorax_width_mm": round(twid * spacing[0], 1) if spacing else None,
+            "midline_col": mid * f + (f - 1) / 2.0,
+            "thorax_line": [geo["thorax"]["cols"][0] * f, geo["thorax"]["row"] * f + (f - 1) / 2.0,
+                            geo["thorax"]["cols"][1] * f + f - 1, geo["thorax"]["row"] * f + (f - 1) / 2.0],
+            "heart_right_line": [geo["heart"]["right"][0] * f, geo["heart"]["right"][1] * f + (f - 1) / 2.0,
+                                 mid * f + (f - 1) / 2.0, geo["heart"]["right"][1] * f + (f - 1) / 2.0],
+            "heart_left_line": [mid * f + (f - 1) / 2.0, geo["heart"]["left"][1] * f + (f - 1) / 2.0,
+                                geo["heart"]["left"][0] * f + f - 1, geo["heart"]["left"][1] * f + (f - 1) / 2.0],
+        }
+        boxes["heart"] = _full_box(geo["heart"]["box"], f, full_shape)
+    # mediastinum: between the fields' medial borders, apex to the lower heart
+    med_r, _ = _medial_lateral(fields, 1)
+    med_l, _ = _medial_lateral(fields, 2)
+    both = np.flatnonzero((med_r >= 0) & (med_l >= 0))
+    if both.size:
+        y1 = boxes["heart"][3] // f if "heart" in boxes else int(both[-1])
+        boxes["mediastinum"] = _full_box([int(med_r[both].min()) + 1, int(both[0]),
+                                          int(med_l[both].max()) - 1, int(y1)], f, full_shape)
+    sm = ndi.gaussian_filter(work, 1.5)
+    tb = _trachea_box(sm, fields, mid)
+    if tb is not None:
+        boxes["trachea"] = _full_box(tb, f, full_shape)
+    cps: dict[str, dict[str, Any]] = {}
+    domes: dict[str, dict[str, Any]] = {}
+    for code, side in ((1, "right"), (2, "left")):
+        cp = _costophrenic(fields, code, px_per_mm)
+        if cp is not None:
+            cp["point_px"] = [cp["point"][0] * f + (f - 1) / 2.0, cp["point"][1] * f + (f - 1) / 2.0]
+            cps[side] = cp
+            if cp["blunted"]:
+                notes.append(f"the {side} costophrenic angle looks blunted ({cp['angle_deg']:.0f} degrees)")
+        d = _dome(fields, code)
+        if d is not None:
+            domes[side] = {"dome_px": [d[0] * f + (f - 1) / 2.0, d[1] * f + (f - 1) / 2.0]}
+    # orientation sanity check: the heart bulk lies on the image right (patient's left) on a PA film
+    if "heart" in geo:
+        right_ext = mid - geo["heart"]["right"][0]
+        left_ext = geo["heart"]["left"][0] - mid
+        if right_ext > 1.3 * left_ext:
+            notes.append("the heart lies mostly on the image left: the film may be displayed mirrored (or "
+                         "dextrocardia); sides are reported as displayed (patient's right on the image left)")
+    cands, residual, res_noise = _opacity_candidates(work, fields, px_per_mm)
+    good = [c for c in cands if c["conf"] >= MIN_CONFIDENCE and c["diam_mm_est"] >= MIN_OPACITY_MM][:MAX_OPACITIES]
+    good.sort(key=lambda c: -c["seg"]["diam"])
+    opac = [_opacity_finding(series, c, n + 1, f, spacing, fields, boxes, mid) for n, c in enumerate(good)]
+    rt = time.perf_counter() - t0
+    log.info("radiograph %s: fields %s, CTR %s, %d candidates, %d opacities, %.2fs", series.series_uid[-8:],
+             [k for k in boxes if k.endswith("lung")], None if ctr is None else round(ctr, 3), len(cands),
+             len(opac), rt)
+    dbg = [{k: v for k, v in c.items() if k != "seg"} | {"diam": c["seg"]["diam"], "contrast": c["seg"]["contrast"]}
+           for c in cands[:80]]
+    return RadiographAnalysis(series.series_uid, full_shape, f, spacing, work, fields, mid * f + (f - 1) / 2.0, boxes,
+                              ctr, ctr_geo, cps, domes, opac, px_per_mm, rt, notes, dbg, residual, res_noise)
+
+
+def _opacity_finding(series: Series, c: dict[str, Any], n: int, f: int, spacing: tuple[float, float] | None,
+                     fields: np.ndarray, boxes: dict[str, list[int]], mid: int, fid: str | None = None) -> Finding:
+    s = c["seg"]
+    r_w, c_w = s["row"], s["col"]
+    row, col = r_w * f + (f - 1) / 2.0, c_w * f + (f - 1) / 2.0
+    ys, xs = np.nonzero(s["mask"])
+    r0, c0 = s["offset"]
+    box = [float((xs.min() + c0) * f), float((ys.min() + r0) * f), float((xs.max() + c0) * f + f - 1),
+           float((ys.max() + r0) * f + f - 1)]
+    long_px, short_px = s["long"] * f, s["short"] * f
+    side, zone = _side_zone(fields, boxes, r_w, c_w, f, mid)
+    if spacing is not None:
+        sp = 0.5 * (spacing[0] + spacing[1])
+        d, lo, sh, units = 0.5 * (long_px + short_px) * sp, long_px * sp, short_px * sp, "mm"
+    else:
+        d, lo, sh, units = 0.5 * (long_px + short_px), long_px, short_px, "px"
+    d_mm_est = c["diam_mm_est"]
+    kind = "mass" if d_mm_est >= MASS_MM else "nodule"
+    region = vocab.zone_region(side, zone)
+    center_mm = bbox_mm = None
+    if spacing is not None:
+        center_mm = [round(float(v), 2) for v in series.vox_to_mm([col, row, 0.0])]
+        bbox_mm = series.box_vox_to_mm([box[0], box[1], 0, box[2], box[3], 0])
+    label = f"rounded opacity ({kind})"
+    return Finding(
+        id=fid or f"F{n}", kind=kind, label=label, region=region, side=side, zone=zone,  # type: ignore[arg-type]
+        center_mm=center_mm, bbox_mm=bbox_mm, bbox_px=[round(v, 1) for v in box],
+        diameter_mm=round(d, 1), long_axis_mm=round(lo, 1), short_axis_mm=round(sh, 1),
+        series_uid=series.series_uid, slice_index=0, confidence=round(float(c["conf"]), 3), units=units,  # type: ignore[arg-type]
+        notes=[f"centre (col, row) = ({col:.0f}, {row:.0f}) px"] + ([] if spacing else ["size in pixels"]))
+
+
+def analyze_radiograph(series: Series) -> RadiographAnalysis:
+    """Lung fields, zones, heart, mediastinum, CTR, diaphragm, costophrenic angles and rounded opacities of
+    a chest film; cached per series uid."""
+    if not series.is_radiograph:
+        raise UnsupportedError("This is not a radiograph (a single 2-D image); use the CT detector for volumes.")
+    return CACHE.get_or_compute(f"radiograph:{series.series_uid}", lambda: _analyze(series))
+
+
+def measure_at_px(series: Series, col: float, row: float, analysis: RadiographAnalysis | None = None,
+                  search_mm: float = 10.0) -> Finding | None:
+    """Re-measure the rounded opacity nearest the full-film pixel (col, row), within ``search_mm`` (cheap:
+    works on the cached residual). None when nothing with a clear contrast is there."""
+    an = analysis or analyze_radiograph(series)
+    if an.residual is None:
+        return None
+    f = an.factor
+    r_w, c_w = (row - (f - 1) / 2.0) / f, (col - (f - 1) / 2.0) / f
+    res = an.residual
+    h, w = res.shape
+    rad = max(2.0, search_mm * an.px_per_mm_est)
+    r0, r1 = int(max(0, r_w - rad)), int(min(h, r_w + rad + 1))
+    c0, c1 = int(max(0, c_w - rad)), int(min(w, c_w + rad + 1))
+    if r1 - r0 < 3 or c1 - c0 < 3:
+        return None
+    sm = ndi.gaussian_filter(res[r0:r1, c0:c1], max(1.0, 2.0 * an.px_per_mm_est))
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    inside = (yy - r_w) ** 2 + (xx - c_w) ** 2 <= rad * rad
+    sm = np.where(inside, sm, -np.inf)
+    j = np.unravel_index(int(np.argmax(sm)), sm.shape)
+    pr, pc = float(j[0] + r0), float(j[1] + c0)
+    seg = _measure_blob(res, pr, pc, max(2.0, 4.0 * an.px_per_mm_est), None, level=SEG_LEVEL)
+    if seg is None or seg["contrast"] / an.residual_rms < 2.5:
+        return None
+    d_mm = seg["diam"] / an.px_per_mm_est
+    if d_mm < 0.5 * MIN_OPACITY_MM:
+        return None
+    cand = {"seg": seg, "conf": 0.5, "diam_mm_est": d_mm}
+    mid_w = int(round((an.midline_col - (f - 1) / 2.0) / f))
+    fnd = _opacity_finding(series, cand, 1, f, an.spacing_mm, an.fields, an.boxes, mid_w, fid="M1")
+    fnd.confidence = None
+    return fnd
+
+
+# ----------------------------------------------------------------------------------------------
+# requests
+
+
+def _center_px(f: Finding) -> tuple[float, float]:
+    b = f.bbox_px or [0, 0, 0, 0]
+    return 0.5 * (b[0] + b[2]), 0.5 * (b[1] + b[3])
+
+
+def _size_text(f: Finding) -> str:
+    if f.diameter_mm is None:
+        return ""
+    u = f.units
+    t = f"{f.diameter_mm:.1f} {u}"
+    if f.long_axis_mm is not None and f.short_axis_mm is not None:
+        t += f" ({f.long_axis_mm:.1f} x {f.short_axis_mm:.1f} {u})"
+    return t
+
+
+def _lesion_sentence(f: Finding) -> str:
+    cx, cy = _center_px(f)
+    return f"{f.id}: rounded {f.kind}, {_size_text(f)}, {f.region or 'lung'} (at x {cx:.0f}, y {cy:.0f} px)"
+
+
+_ANATOMY_ORDER = ("lungs", "right lung", "left lung", "right upper zone", "right middle zone", "right lower zone",
+                  "left upper zone", "left middle zone", "left lower zone", "heart", "mediastinum", "trachea")
+
+
+def _anatomy_findings(series: Series, an: RadiographAnalysis, names: list[str], study_uid: str) -> list[Finding]:
+    out: list[Finding] = []
+    for name in names:
+        b = an.boxes.get(name)
+        if b is None:
+            continue
+        reg = vocab.BY_NAME.get(name)
+        notes: list[str] = []
+        if name == "heart" and an.ctr is not None:
+            notes.append(_ctr_text(an))
+        bbox_mm = center_mm = None
+        if an.spacing_mm is not None:
+            bbox_mm = series.box_vox_to_mm([b[0], b[1], 0, b[2], b[3], 0])
+            center_mm = [round(float(v), 2) for v in series.vox_to_mm([0.5 * (b[0] + b[2]), 0.5 * (b[1] + b[3]), 0])]
+        out.append(Finding(id=f"A{len(out) + 1}", kind="anatomy", label=name, region=name,
+                           side=reg.side if reg else None, zone=reg.zone if reg else None,  # type: ignore[arg-type]
+                           bbox_px=[float(v) for v in b], bbox_mm=bbox_mm, center_mm=center_mm,
+                           study_uid=study_uid, series_uid=series.series_uid, slice_index=0,
+                           units="mm" if an.spacing_mm else "px", notes=notes))
+    return out
+
+
+def _ctr_text(an: RadiographAnalysis) -> str:
+    g = an.ctr_geometry
+    if an.ctr is None:
+        return "cardiothoracic ratio not measurable"
+    if g.get("heart_width_mm") is not None:
+        return (f"cardiothoracic ratio {an.ctr:.2f} (heart {g['heart_width_mm'] / 10:.1f} cm / thorax "
+                f"{g['thorax_width_mm'] / 10:.1f} cm)")
+    return (f"cardiothoracic ratio {an.ctr:.2f} (heart {g['heart_width_px']:.0f} px / thorax "
+            f"{g['thorax_width_px']:.0f} px)")
+
+
+def _box_to_px(series: Series, box: list[float]) -> list[float]:
+    if len(box) == 4:
+        return [float(v) for v in box]
+    if len(box) == 6:
+        if not series.spacing_known:
+            raise UnsupportedError("This film has no pixel spacing, so a box in millimetres cannot be placed on it; "
+                                   "give the box in pixels [x0, y0, x1, y1].")
+        corners = np.array([[x, y, z] for x in (box[0], box[3]) for y in (box[1], box[4]) for z in (box[2], box[5])])
+        v = series.mm_to_vox(corners)
+        return [float(v[:, 0].min()), float(v[:, 1].min()), float(v[:, 0].max()), float(v[:, 1].max())]
+    raise UnsupportedError("A box is [x0, y0, x1, y1] in pixels or [x0, y0, z0, x1, y1, z1] in mm.")
+
+
+def _box_overlap_px(an: RadiographAnalysis, box: list[float]) -> list[tuple[str, float]]:
+    """(region, fraction of the box it fills), largest first, from the lung fields' zones and the boxes."""
+    f = an.factor
+    x0, y0, x1, y1 = box
+    c0, r0 = max(0, int(x0 // f)), max(0, int(y0 // f))
+    c1, r1 = min(an.fields.shape[1] - 1, int(x1 // f)), min(an.fields.shape[0] - 1, int(y1 // f))
+    if c1 < c0 or r1 < r0:
+        return []
+    area = float((c1 - c0 + 1) * (r1 - r0 + 1))
+    out: list[tuple[str, float]] = []
+    for code, side in ((1, "right"), (2, "left")):
+        fb = an.boxes.get(f"{side} lung")
+        if fb is None:
+            continue
+        cuts = zone_bounds(fb)
+        m = an.fields[r0:r1 + 1, c0:c1 + 1] == code
+        rows = (np.arange(r0, r1 + 1) * f + (f - 1) / 2.0)[:, None]
+        for n, zone in enumerate(ZONES):
+            sel = m & (rows >= cuts[n]) & (rows < cuts[n + 1])
+            if sel.any():
+                out.append((f"{side} {zone} zone", float(sel.sum()) / area))
+    for name in ("heart", "mediastinum", "trachea"):
+        b = an.boxes.get(name)
+        if b is None:
+            continue
+        ix = max(0.0, min(x1, b[2]) - max(x0, b[0]))
+        iy = max(0.0, min(y1, b[3]) - max(y0, b[1]))
+        if ix * iy > 0:
+            out.append((name, ix * iy / max((x1 - x0) * (y1 - y0), 1.0)))
+    out.sort(key=lambda t: -t[1])
+    return out
+
+
+def run_radiograph_detector(study: Study, req: Any, box_px: list[float] | None = None) -> Any:
+    """Answer a detection / anatomy / description request on a chest film (the CT detector's contract:
+    ``tools.detector.DetectRequest`` in, ``DetectResult`` out). A box is taken from ``box_px`` (pixels
+    [x0, y0, x1, y1]) or ``req.box_mm`` (4 values: pixels; 6 values: mm)."""
+    from tools.detector import DetectResult
+
+    series = study.primary
+    if not series.is_radiograph:
+        raise UnsupportedError("This study is not a radiograph; use the CT detector.")
+    an = analyze_radiograph(series)
+    notes = list(an.notes)
+    regions = [r for r in (req.regions or []) if r]
+    unknown = [r for r in regions if r not in vocab.BY_NAME]
+    if unknown:
+        notes.append("Unknown region(s) ignored: " + ", ".join(unknown))
+        regions = [r for r in regions if r in vocab.BY_NAME]
+    not_on_film = [r for r in regions if r in vocab.BY_NAME and "CR" not in vocab.BY_NAME[r].modalities]
+    if not_on_film:
+        notes.append("Not assessed on a radiograph: " + ", ".join(not_on_film))
+        regions = [r for r in regions if r not in not_on_film]
+    lesions = [o.model_copy(update={"study_uid": study.study_uid}) for o in an.opacities]
+    kind = req.lesion_kind
+    lesions_k = [o for o in lesions if o.kind == "mass"] if kind == "mass" else lesions
+    word = {"mass": "mass", "opacity": "rounded opacity", "nodule": "nodule"}.get(kind or "nodule", "nodule")
+    findings: list[Finding] = []
+    lines: list[str] = []
+    measured = [_ctr_text(an)]
+    box = box_px if box_px is not None else (getattr(req, "box_px", None) or req.box_mm)
+    if box is not None:
+        bpx = _box_to_px(series, list(box))
+        ov = _box_overlap_px(an, bpx)
+        parts = [f"{n} ({100 * fb:.0f}% of the box)" for n, fb in ov if fb >= 0.01]
+        lines.append("The box covers " + (", ".join(parts) if parts else "no lung field or mediastinal structure") + ".")
+        inside = [o for o in lesions_k if bpx[0] <= _center_px(o)[0] <= bpx[2] and bpx[1] <= _center_px(o)[1] <= bpx[3]]
+        if inside:
+            lines.append("Inside it: " + "; ".join(_lesion_sentence(o) for o in inside) + ".")
+        else:
+            lines.append(f"No {word} found inside the box.")
+        names = [n for n, fb in ov if fb >= 0.01]
+        findings = inside + _anatomy_findings(series, an, names, study.study_uid)
+    elif req.want in ("anatomy", "describe"):
+        names = regions or [n for n in _ANATOMY_ORDER]
+        if "body" in names:
+            names = [n for n in _ANATOMY_ORDER]
+        for name in names:
+            if name not in an.boxes:
+                lines.append(f"The {name} was not found on this film.")
+                continue
+            b = an.boxes[name]
+            u = "px"
+            if an.spacing_mm is not None:
+                wmm, hmm = (b[2] - b[0] + 1) * an.spacing_mm[0], (b[3] - b[1] + 1) * an.spacing_mm[1]
+                ext = f"{wmm:.0f} x {hmm:.0f} mm"
+            else:
+                ext = f"{b[2] - b[0] + 1} x {b[3] - b[1] + 1} {u}"
+            lines.append(f"{name}: box [{b[0]}, {b[1]}, {b[2]}, {b[3]}] px, {ext} (width x height).")
+            if name == "heart":
+                lines.append("  " + _ctr_text(an) + ".")
+            if req.want == "describe":
+                inside = [o for o in lesions_k if o.region and vocab.contains(name, o.region)]
+                if inside:
+                    lines.append("  Opacities there: " + "; ".join(_lesion_sentence(o) for o in inside) + ".")
+                    findings += [o for o in inside if o not in findings]
+                elif name in ("lungs",) or vocab.contains("lungs", name):
+                    lines.append(f"  No {word} found in the {name}.")
+        findings = findings + _anatomy_findings(series, an, [n for n in names if n in an.boxes], study.study_uid)
+        for side, cp in an.costophrenic.items():
+            if cp.get("angle_deg") is not None:
+                lines.append(f"{side} costophrenic angle: {cp['angle_deg']:.0f} degrees, "
+                             f"{'blunted' if cp['blunted'] else 'sharp'}.")
+        measured.append("region boxes in pixels [x0, y0, x1, y1]" + (" and mm" if an.spacing_mm else ""))
+    else:
+        if regions and not any(r in ("body", "lungs") for r in regions):
+            for name in regions:
+                inside = [o for o in lesions_k if o.region and vocab.contains(name, o.region)]
+                if inside:
+                    lines.append(f"In the {name}: " + "; ".join(_lesion_sentence(o) for o in inside) + ".")
+                    findings += [o for o in inside if o not in findings]
+                else:
+                    lines.append(f"No {word} found in the {name}.")
+        else:
+            findings = list(lesions_k)
+            if findings:
+                lines.append(f"{len(findings)} rounded opacit{'ies' if len(findings) != 1 else 'y'} found: "
+                             + "; ".join(_lesion_sentence(o) for o in findings) + ".")
+            else:
+                lines.append(f"No {word} found in the lung fields.")
+        measured.append("opacity long and short axis and their mean" + (" (mm)" if an.spacing_mm else " (pixels)"))
+        if kind == "nodule" and any(o.kind == "mass" for o in findings):
+            notes.append("Opacities of 30 mm or more are reported as masses.")
+    if an.spacing_mm is None:
+        lines.append("Measurements are in pixels: this film has no pixel spacing.")
+    evidence: list[Evidence] = []
+    if req.evidence_dir is not None:
+        try:
+            evidence = render_radiograph_evidence(series, an, findings, Path(req.evidence_dir))
+        except Exception as e:  # evidence must never break the answer
+            log.warning("could not render radiograph evidence: %s", e)
+    return DetectResult(findings=findings, evidence=evidence, summary="\n".join(lines), measured=measured,
+                        notes=notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# evidence images
+
+MAX_PNG_BYTES = 290_000
+_COLORS = [(255, 64, 64), (255, 200, 0), (0, 220, 255), (80, 255, 80), (255, 120, 255), (255, 150, 60)]
+
+
+def _display(an: RadiographAnalysis, max_side: int = 900) -> tuple[Any, float]:
+    """The film as an RGB Pillow image (standard display) and its scale (display px per full-film px)."""
+    from PIL import Image
+
+    img = (an.work * 255.0).astype(np.uint8)
+    pil = Image.fromarray(img)
+    scale_w = min(1.0, max_side / max(img.shape)) if max(img.shape) > max_side else max_side / max(img.shape)
+    size = (max(1, int(round(img.shape[1] * scale_w))), max(1, int(round(img.shape[0] * scale_w))))
+    pil = pil.resize(size, Image.BILINEAR).convert("RGB")
+    return pil, scale_w / an.factor
+
+
+def _save_png(img: Any, path: Path) -> None:
+    img.save(path, optimize=True)
+    if path.stat().st_size > MAX_PNG_BYTES:
+        q = img.convert("P", palette=1, colors=128)  # adaptive palette
+        q.save(path, optimize=True)
+    while path.stat().st_size > MAX_PNG_BYTES and img.width > 300:
+        img = img.resize((img.width * 3 // 4, img.height * 3 // 4))
+        img.convert("P", palette=1, colors=96).save(path, optimize=True)
+
+
+def _draw_overview(an: RadiographAnalysis, findings: list[Finding], title: str = "") -> Any:
+    from PIL import ImageDraw
+
+    im, s = _display(an)
+    ov = im.copy()
+    d = ImageDraw.Draw(ov)
+    f = an.factor
+    # lung fields: outlines, zone cut lines
+    for code, col in ((1, (255, 90, 90)), (2, (90, 140, 255))):
+        m = an.fields == code
+        if not m.any():
+            continue
+        edge = m & ~ndi.binary_erosion(m)
+        rr, cc = np.nonzero(edge)
+        for r, c in zip(rr[::1], cc[::1]):
+            x, y = (c * f + (f - 1) / 2.0) * s, (r * f + (f - 1) / 2.0) * s
+            d.point((x, y), fill=col)
+        side = "right" if code == 1 else "left"
+        fb = an.boxes.get(f"{side} lung")
+        if fb:
+            cuts = zone_bounds(fb)
+            for yv in cuts[1:3]:
+                rw = int(min(an.fields.shape[0] - 1, max(0, yv // f)))
+                cols = np.flatnonzero(m[rw])
+                if cols.size:
+                    d.line([(cols[0] * f * s, yv * s), ((cols[-1] * f + f - 1) * s, yv * s)], fill=col, width=1)
+            for n, z in enumerate(ZONES):
+                yz = 0.5 * (cuts[n] + cuts[n + 1]) * s
+                xz = (fb[0] if code == 1 else fb[2] - 0.12 * (fb[2] - fb[0])) * s
+                d.text((xz + 3, yz), f"{side[0].upper()}{z[0].upper()}Z", fill=col)
+    # CTR lines
+    g = an.ctr_geometry
+    if g:
+        d.line([tuple(np.array(g["thorax_line"][:2]) * s), tuple(np.array(g["thorax_line"][2:]) * s)],
+               fill=(0, 255, 160), width=2)
+        for k in ("heart_right_line", "heart_left_line"):
+            d.line([tuple(np.array(g[k][:2]) * s), tuple(np.array(g[k][2:]) * s)], fill=(255, 220, 0), width=2)
+        mx = g["midline_col"] * s
+        for y in range(0, im.height, 12):
+            d.line([(mx, y), (mx, y + 6)], fill=(200, 200, 200), width=1)
+        d.text((6, im.height - 16), _ctr_text(an), fill=(255, 220, 0))
+    for cp in an.costophrenic.values():
+        x, y = cp["point_px"][0] * s, cp["point_px"][1] * s
+        d.ellipse([x - 4, y - 4, x + 4, y + 4], outline=(255, 120, 255) if cp["blunted"] else (120, 255, 120))
+    for n, fnd in enumerate(findings):
+        if fnd.bbox_px is None:
+            continue
+        col = _COLORS[n % len(_COLORS)]
+        b = [v * s for v in fnd.bbox_px]
+        if fnd.kind == "anatomy":
+            d.rectangle(b, outline=col, width=1)
+            d.text((b[0] + 2, b[1] + 2), fnd.label or fnd.region or "", fill=col)
+        else:
+            pad = 4
+            d.rectangle([b[0] - pad, b[1] - pad, b[2] + pad, b[3] + pad], outline=col, width=2)
+            d.text((b[0], max(0, b[1] - 16)), f"{fnd.id} {fnd.diameter_mm:.0f}{fnd.units}", fill=col)
+    if title:
+        d.text((6, 4), title, fill=(255, 255, 255))
+    d.text((im.width - 70, 4), "R      L", fill=(255, 255, 255))
+    return ov
+
+
+def render_radiograph_evidence(series: Series, an: RadiographAnalysis, findings: list[Finding], outdir: Path,
+                               prefix: str | None = None) -> list[Evidence]:
+    """Overview PNG (lung fields, zones, CTR lines, costophrenic points, boxes) plus a zoomed crop per
+    opacity (at most 4)."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    uid = prefix or series.series_uid[-8:].replace(".", "_")
+    ev: list[Evidence] = []
+    ov = _draw_overview(an, findings)
+    p = outdir / f"{uid}_film_overview.png"
+    _save_png(ov, p)
+    units = "pixels (no pixel spacing)" if an.spacing_mm is None else "mm"
+    ev.append(Evidence(kind="image", path=str(p), role="overview", finding_ids=[x.id for x in findings],
+                       caption=(f"PA film: lung fields (red: right, blue: left) with zones, cardiothoracic ratio lines, "
+                                f"costophrenic points and findings; measurements in {units}")))
+    from PIL import Image, ImageDraw
+
+    full = np.asarray(series.pixels[0], dtype=np.float32)
+    lo, hi = np.percentile(full[:: max(1, an.factor), :: max(1, an.factor)], [0.5, 99.5])
+    for fnd in [x for x in findings if x.kind != "anatomy" and x.bbox_px][:4]:
+        b = fnd.bbox_px
+        assert b is not None
+        cx, cy = 0.5 * (b[0] + b[2]), 0.5 * (b[1] + b[3])
+        half = max(40.0, 1.6 * max(b[2] - b[0], b[3] - b[1]))
+        x0, x1 = int(max(0, cx - half)), int(min(full.shape[1], cx + half))
+        y0, y1 = int(max(0, cy - half)), int(min(full.shape[0], cy + half))
+        crop = np.clip((full[y0:y1, x0:x1] - lo) / max(hi - lo, 1e-6), 0, 1)
+        im = Image.fromarray((crop * 255).astype(np.uint8)).convert("RGB")
+        sc = 320.0 / max(im.size)
+        im = im.resize((max(1, int(im.width * sc)), max(1, int(im.height * sc))), Image.BILINEAR)
+        d = ImageDraw.Draw(im)
+        d.rectangle([(b[0] - x0) * sc - 3, (b[1] - y0) * sc - 3, (b[2] - x0) * sc + 3, (b[3] - y0) * sc + 3],
+                    outline=(255, 200, 0), width=2)
+        d.text((4, 4), f"{fnd.id} {_size_text(fnd)} {fnd.region or ''}", fill=(255, 255, 0))
+        p = outdir / f"{uid}_{fnd.id}.png"
+        _save_png(im, p)
+        ev.append(Evidence(kind="image", path=str(p), role="key-image", finding_ids=[fnd.id],
+                           caption=f"{fnd.id}: {_size_text(fnd)}, {fnd.region or 'lung'} (zoomed)"))
+    return ev
+
+
+# ----------------------------------------------------------------------------------------------
+# comparison
+
+
+@dataclass
+class FilmRegistration:
+    transform: Any  # SimpleITK transform: CURRENT physical point -> PRIOR physical point
+    units: str  # "mm" (both spacings known) or "px" (each film in its own pixels)
+    cur_spacing: tuple[float, float]
+    pri_spacing: tuple[float, float]
+    dice_before: float
+    dice_after: float
+    scale: float  # prior -> current size factor (prior units per current unit, inverted)
+    runtime_s: float
+
+    def prior_px_to_current_px(self, col: float, row: float) -> tuple[float, float]:
+        p = (col * self.pri_spacing[0], row * self.pri_spacing[1])
+        q = self.transform.GetInverse().TransformPoint(p)
+        return q[0] / self.cur_spacing[0], q[1] / self.cur_spacing[1]
+
+    def current_px_to_prior_px(self, col: float, row: float) -> tuple[float, float]:
+        q = self.transform.TransformPoint((col * self.cur_spacing[0], row * self.cur_spacing[1]))
+        return q[0] / self.pri_spacing[0], q[1] / self.pri_spacing[1]
+
+
+def _sitk_work(an: RadiographAnalysis, spacing: tuple[float, float], arr: np.ndarray | None = None) -> Any:
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(an.work if arr is None else arr, dtype=np.float32))
+    f = an.factor
+    img.SetSpacing((spacing[0] * f, spacing[1] * f))
+    img.SetOrigin(((f - 1) / 2.0 * spacing[0], (f - 1) / 2.0 * spacing[1]))
+    return img
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = float(a.sum() + b.sum())
+    return float(2.0 * (a & b).sum() / s) if s else 0.0
+
+
+def register_films(cur_s: Series, pri_s: Series, ca: RadiographAnalysis, pa: RadiographAnalysis
+                   ) -> FilmRegistration:
+    """2-D registration of the prior film (moving) to the current (fixed): lung-field centroids, then a
+    similarity and an affine transform (correlation metric on the current's lung-field region,
+    multi-resolution); cached per pair."""
+    key = f"rgreg:{cur_s.series_uid}:{pri_s.series_uid}"
+
+    def compute() -> FilmRegistration:
+        import SimpleITK as sitk
+
+        t0 = time.perf_counter()
+        mm = ca.spacing_mm is not None and pa.spacing_mm is not None
+        cs = ca.spacing_mm if mm else (1.0, 1.0)
+        ps = pa.spacing_mm if mm else (1.0, 1.0)
+        assert cs is not None and ps is not None
+        fixed = _sitk_work(ca, cs)
+        moving = _sitk_work(pa, ps)
+        fmask = ndi.binary_dilation(ca.fields > 0, structure=_disk(max(2, int(8 * ca.px_per_mm_est))))
+        mask_img = _sitk_work(ca, cs, fmask.astype(np.float32))
+        mask_img = sitk.Cast(mask_img, sitk.sitkUInt8)
+
+        def centroid(an: RadiographAnalysis, sp: tuple[float, float]) -> np.ndarray:
+            rr, cc = np.nonzero(an.fields > 0)
+            if rr.size == 0:
+                rr, cc = np.nonzero(np.ones_like(an.fields))
+            f = an.factor
+            return np.array([(cc.mean() * f + (f - 1) / 2.0) * sp[0], (rr.mean() * f + (f - 1) / 2.0) * sp[1]])
+
+        cf, cm = centroid(ca, cs), centroid(pa, ps)
+        sim = sitk.Similarity2DTransform()
+        sim.SetCenter([float(v) for v in cf])
+        sim.SetTranslation([float(v) for v in (cm - cf)])
+
+        def run(tx: Any, iters: int) -> Any:
+            reg = sitk.ImageRegistrationMethod()
+            reg.SetMetricAsCorrelation()
+            reg.SetMetricFixedMask(mask_img)
+            reg.SetMetricSamplingStrategy(reg.REGULAR)
+            reg.SetMetricSamplingPercentage(0.5)
+            reg.SetInterpolator(sitk.sitkLinear)
+            reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iters,
+                                                         relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
+            reg.SetOptimizerScalesFromPhysicalShift()
+            reg.SetShrinkFactorsPerLevel([4, 2, 1])
+            reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+            reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+            reg.SetInitialTransform(tx, inPlace=True)
+            reg.Execute(fixed, moving)
+            return tx
+
+        try:
+            run(sim, 120)
+            aff = sitk.AffineTransform(2)
+            aff.SetCenter(sim.GetCenter())
+            aff.SetMatrix(sim.GetMatrix())
+            aff.SetTranslation(sim.GetTranslation())
+            tx = run(aff, 80)
+        except Exception as e:  # fall back to the centroid alignment
+            log.warning("film registration failed (%s); using the lung-field centroids", e)
+            tx = sitk.TranslationTransform(2, [float(v) for v in (cm - cf)])
+
+        def warp_fields(t: Any) -> np.ndarray:
+            mv = _sitk_work(pa, ps, (pa.fields > 0).astype(np.float32))
+            out = sitk.Resample(mv, fixed, t, sitk.sitkNearestNeighbor, 0.0, sitk.sitkFloat32)
+            return sitk.GetArrayFromImage(out) > 0.5
+
+        cur_m = ca.fields > 0
+        d0 = _dice(cur_m, warp_fields(sitk.TranslationTransform(2, [float(v) for v in (cm - cf)])))
+        d1 = _dice(cur_m, warp_fields(tx))
+        inv = tx.GetInverse()
+        o = np.array(inv.TransformPoint((0.0, 0.0)))
+        ex = np.array(inv.TransformPoint((1.0, 0.0))) - o
+        ey = np.array(inv.TransformPoint((0.0, 1.0))) - o
+        scale = float(np.sqrt(abs(np.linalg.det(np.stack([ex, ey])))))
+        log.info("film registration: lung-field Dice %.3f -> %.3f", d0, d1)
+        return FilmRegistration(tx, "mm" if mm else "px", cs, ps, d0, d1, scale, time.perf_counter() - t0)
+
+    return CACHE.get_or_compute(key, compute)
+
+
+def _classify(d_now: float, d_prior: float, thr: float) -> str:
+    if d_now - d_prior > thr:
+        return "grew"
+    if d_now - d_prior < -thr:
+        return "shrank"
+    return "stable"
+
+
+def compare_radiographs(current_study: Study, prior_study: Study, regions: list[str] | None = None,
+                        focus: str = "all", evidence_dir: Path | str | None = None) -> Any:
+    """Compare the current chest film with a prior one of the same patient: registration, matched rounded
+    opacities with their change (grew / shrank / stable / new / resolved) and the change in the
+    cardiothoracic ratio. Returns ``tools.comparer.CompareResult``."""
+    from tools.comparer import CompareResult, _focus
+
+    if current_study.patient_id != prior_study.patient_id:
+        raise StudyError("These two films belong to different patients, so they cannot be compared. "
+                         "Pick a prior film of the same patient.")
+    if current_study.study_uid == prior_study.study_uid:
+        raise StudyError("The prior is the same study as the current one; pick an earlier film.")
+    cs, ps = current_study.primary, prior_study.primary
+    if not (cs.is_radiograph and ps.is_radiograph):
+        raise UnsupportedError("Radiograph comparison needs two films; for CT volumes use the CT comparer.")
+    regions = regions or []
+    notes: list[str] = []
+    interval = ((current_study.study_date - prior_study.study_date).days
+                if current_study.study_date and prior_study.study_date else None)
+    if interval is not None and interval < 0:
+        notes.append(f"The 'prior' is {-interval} days LATER than the current film; change is described from the "
+                     "prior as loaded to the current.")
+    ca, pa = analyze_radiograph(cs), analyze_radiograph(ps)
+    reg = register_films(cs, ps, ca, pa)
+    units = reg.units
+    if units == "px":
+        notes.append("At least one film has no pixel spacing: sizes are compared in pixels of the current film "
+                     "(prior sizes scaled by the registration).")
+    # growth threshold in the current film's units
+    thr = GROWTH_MM if units == "mm" else GROWTH_MM * ca.px_per_mm_est / ca.factor
+    cur = [o.model_copy(deep=True, update={"study_uid": current_study.study_uid}) for o in ca.opacities]
+    pri = [o.model_copy(deep=True) for o in pa.opacities]
+
+    def d_cur(o: Finding) -> float:
+        return float(o.diameter_mm or 0.0)
+
+    def d_pri(o: Finding) -> float:  # prior size in current units
+        d = float(o.diameter_mm or 0.0)
+        return d if units == "mm" else d * reg.scale
+
+    cur_unit = (ca.spacing_mm[0] if units == "mm" and ca.spacing_mm else 1.0)
+    mapped = [np.array(reg.prior_px_to_current_px(*_center_px(p))) for p in pri]
+    pairs: list[tuple[Finding, Finding | None]] = []
+    used_c: set[int] = set()
+    used_p: set[int] = set()
+    if cur and pri:
+        cost = np.full((len(cur), len(pri)), 1e6)
+        for i, c in enumerate(cur):
+            cc = np.array(_center_px(c))
+            for j, p in enumerate(pri):
+                dist = float(np.linalg.norm(cc - mapped[j])) * cur_unit  # current units
+                gate = max(10.0 if units == "mm" else 10.0 * ca.px_per_mm_est / ca.factor,
+                           0.75 * max(d_cur(c), d_pri(p)))
+                if dist <= gate:
+                    cost[i, j] = dist + 0.5 * abs(d_cur(c) - d_pri(p))
+        rows, cols = linear_sum_assignment(cost)
+        for i, j in zip(rows, cols):
+            if cost[i, j] < 1e6:
+                pairs.append((cur[i], pri[j]))
+                used_c.add(i)
+                used_p.add(j)
+    for i, c in enumerate(cur):
+        if i in used_c:
+            continue
+        q = reg.current_px_to_prior_px(*_center_px(c))
+        m = measure_at_px(ps, q[0], q[1], pa, search_mm=6.0)
+        pairs.append((c, m))
+    resolved: list[tuple[Finding, np.ndarray]] = []
+    for j, p in enumerate(pri):
+        if j in used_p:
+            continue
+        q = mapped[j]
+        m = measure_at_px(cs, float(q[0]), float(q[1]), ca, search_mm=6.0)
+        if m is not None and m.diameter_mm and m.diameter_mm * (1.0 if units == "mm" else 1.0) >= 0.5 * d_pri(p):
+            m = m.model_copy(update={"id": f"F{len(cur) + 1}", "study_uid": current_study.study_uid,
+                                     "notes": m.notes + ["found on re-inspection at the position of a prior opacity"]})
+            cur.append(m)
+            pairs.append((m, p))
+            continue
+        resolved.append((p, q))
+    out: list[Finding] = []
+    for c, p in pairs:
+        if p is None:
+            c.change = Change(status="new", interval_days=interval)
+        else:
+            dp = d_pri(p)
+            status = _classify(d_cur(c), dp, thr)
+            c.change = Change(status=status, prior_diameter_mm=round(dp, 1), prior_center_mm=p.center_mm,
+                              interval_days=interval, diameter_change_mm=round(d_cur(c) - dp, 2),
+                              prior_finding_id=p.id)
+            if units == "px":
+                c.notes.append("prior and change sizes in pixels of the current film")
+        out.append(c)
+    for n, (p, q) in enumerate(resolved, start=1):
+        out.append(Finding(id=f"R{n}", kind=p.kind, label=f"resolved {p.kind}", region=p.region, side=p.side,
+                           zone=p.zone, study_uid=current_study.study_uid, series_uid=cs.series_uid, units=p.units,
+                           change=Change(status="resolved", prior_diameter_mm=round(d_pri(p), 1),
+                                         prior_center_mm=p.center_mm, interval_days=interval, prior_finding_id=p.id),
+                           notes=[f"expected position on the current film: x {q[0]:.0f}, y {q[1]:.0f} px"]))
+    out.sort(key=lambda f: (f.id[0] != "F", int(f.id[1:]) if f.id[1:].isdigit() else 0))
+    shown = [f for f in out if not regions or any(f.region and vocab.contains(r, f.region) for r in regions)]
+    shown = _focus(shown, focus)
+    ctr_c, ctr_p = ca.ctr, pa.ctr
+    lines = [f"Compared with the prior film of {prior_study.date_str}"
+             + (f" ({interval} days earlier)" if interval is not None else "")
+             + f"; 2-D affine registration, lung-field overlap Dice {reg.dice_after:.2f}."]
+    if ctr_c is not None and ctr_p is not None:
+        lines.append(f"Cardiothoracic ratio {ctr_p:.2f} -> {ctr_c:.2f} ({ctr_c - ctr_p:+.2f}).")
+    u = units
+    for f in shown:
+        ch = f.change
+        assert ch is not None
+        where = f.region or "lung"
+        if ch.status == "new":
+            lines.append(f"{f.id} ({where}): new {f.kind}, {d_cur(f):.1f} {u}, not seen on the prior.")
+        elif ch.status == "resolved":
+            lines.append(f"{f.id} ({where}): the {ch.prior_diameter_mm:.1f} {u} {f.kind} of the prior is no longer "
+                         "seen (resolved).")
+        else:
+            verb = {"grew": "increased", "shrank": "decreased", "stable": "stable"}[ch.status]
+            lines.append(f"{f.id} ({where}) {f.kind}: {verb}, {ch.prior_diameter_mm:.1f} -> {d_cur(f):.1f} {u} "
+                         f"({(ch.diameter_change_mm or 0):+.1f} {u}).")
+    if not shown:
+        lines.append("No rounded opacity to compare" + (f" in the {', '.join(regions)}" if regions else "") + ".")
+    if units == "px":
+        lines.append(f"Sizes are in pixels; growth means more than {thr:.0f} px (about 1.5 mm at an assumed thoracic "
+                     "width).")
+    evidence: list[Evidence] = []
+    if evidence_dir is not None:
+        try:
+            evidence = _compare_evidence(ca, pa, reg, shown, Path(evidence_dir))
+        except Exception as e:  # evidence must never break the answer
+            log.warning("could not render the film comparison: %s", e)
+    comparison = {
+        "prior_study_uid": prior_study.study_uid, "prior_date": prior_study.date_str,
+        "current_date": current_study.date_str, "interval_days": interval, "units": units,
+        "registration": {"method": "2-D similarity then affine (SimpleITK), correlation on the lung fields",
+                         "lung_dice_before": round(reg.dice_before, 3), "lung_dice_after": round(reg.dice_after, 3),
+                         "scale": round(reg.scale, 4), "runtime_s": round(reg.runtime_s, 2)},
+        "cardiothoracic_ratio": {"current": None if ctr_c is None else round(ctr_c, 3),
+                                 "prior": None if ctr_p is None else round(ctr_p, 3),
+                                 "change": None if ctr_c is None or ctr_p is None else round(ctr_c - ctr_p, 3)},
+        "counts": {s: sum(1 for f in out if f.change and f.change.status == s)
+                   for s in ("grew", "shrank", "stable", "new", "resolved")},
+    }
+    measured = [f"mean diameter now and on the prior ({'mm' if units == 'mm' else 'pixels'}; growth > 1.5 mm)",
+                "cardiothoracic ratio now and on the prior", "registration quality (lung-field overlap)"]
+    return CompareResult(shown, evidence, "\n".join(lines), measured, notes, comparison)
+
+
+def _compare_evidence(ca: RadiographAnalysis, pa: RadiographAnalysis, reg: FilmRegistration, shown: list[Finding],
+                      outdir: Path) -> list[Evidence]:
+    import SimpleITK as sitk
+    from PIL import Image, ImageDraw
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    fixed = _sitk_work(ca, reg.cur_spacing)
+    moving = _sitk_work(pa, reg.pri_spacing)
+    warped = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, reg.transform, sitk.sitkLinear, 0.0,
+                                                  sitk.sitkFloat32))
+    cur = ca.work
+    a = Image.fromarray((cur * 255).astype(np.uint8))
+    b = Image.fromarray((np.clip(warped, 0, 1) * 255).astype(np.uint8))
+    sc = min(1.0, 640.0 / max(a.size)) if max(a.size) > 640 else 640.0 / max(a.size)
+    a = a.resize((int(a.width * sc), int(a.height * sc))).convert("RGB")
+    b = b.resize((int(b.width * sc), int(b.height * sc))).convert("RGB")
+    pair = Image.new("RGB", (a.width * 2 + 6, a.height), (0, 0, 0))
+    pair.paste(a, (0, 0))
+    pair.paste(b, (a.width + 6, 0))
+    d = ImageDraw.Draw(pair)
+    s = sc / ca.factor
+    ids: list[str] = []
+    for n, f in enumerate(shown[:8]):
+        col = _COLORS[n % len(_COLORS)]
+        if f.bbox_px is not None:
+            bb = [v * s for v in f.bbox_px]
+            for off in (0, a.width + 6):
+                d.rectangle([bb[0] - 4 + off, bb[1] - 4, bb[2] + 4 + off, bb[3] + 4], outline=col, width=2)
+            d.text((bb[0], max(0, bb[1] - 16)), f"{f.id} {f.change.status if f.change else ''}", fill=col)
+            ids.append(f.id)
+    d.text((4, 4), "current", fill=(255, 255, 0))
+    d.text((a.width + 10, 4), "prior (registered)", fill=(0, 255, 255))
+    p1 = outdir / "film_compare.png"
+    _save_png(pair, p1)
+    diff = cur - warped
+    lim = float(np.percentile(np.abs(diff[ca.fields > 0]), 99)) if (ca.fields > 0).any() else 0.2
+    dimg = Image.fromarray((np.clip(diff / max(lim, 1e-3) * 0.5 + 0.5, 0, 1) * 255).astype(np.uint8))
+    dimg = dimg.resize((int(dimg.width * sc), int(dimg.height * sc))).convert("RGB")
+    dd = ImageDraw.Draw(dimg)
+    for n, f in enumerate(shown[:8]):
+        if f.bbox_px is not None:
+            bb = [v * s for v in f.bbox_px]
+            dd.rectangle([bb[0] - 4, bb[1] - 4, bb[2] + 4, bb[3] + 4], outline=_COLORS[n % len(_COLORS)], width=2)
+    p2 = outdir / "film_difference.png"
+    _save_png(dimg, p2)
+    return [Evidence(kind="image", path=str(p1), caption="current film (left) and the registered prior (right)",
+                     finding_ids=ids, role="before-after"),
+            Evidence(kind="image", path=str(p2), caption="difference: current - registered prior (bright = new "
+                     "density, dark = density gone)", finding_ids=ids, role="subtraction")]
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation on projected phantoms
+
+
+def _box_iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    inter = ix * iy
+    ua = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
+    return float(inter / ua) if ua > 0 else 0.0
+
+
+def _match_truth(found: list[Finding], truth: list[dict[str, Any]], spacing: float) -> dict[str, str]:
+    """truth id -> finding id (greedy by distance; a match lies within 0.6 x the truth diameter, >= 4 mm)."""
+    cands: list[tuple[float, str, str]] = []
+    for t in truth:
+        for f in found:
+            if f.bbox_px is None:
+                continue
+            c = _center_px(f)
+            d = math.hypot(c[0] - t["center_px"][0], c[1] - t["center_px"][1])
+            if d <= max(0.6 * t["diameter_px"], 4.0 / spacing):
+                cands.append((d, t["id"], f.id))
+    cands.sort()
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for _, tid, fid in cands:
+        if tid in out or fid in used:
+            continue
+        out[tid] = fid
+        used.add(fid)
+    return out
+
+
+def evaluate_radiographs(seeds: list[int] | tuple[int, ...], workdir: str | Path | None = None,
+                         min_mm: float = 10.0) -> dict[str, Any]:
+    """Project the CT phantom pairs of ``seeds`` to PA films (DX DICOM, loaded back through
+    :func:`tools.dicom_io.load_study`) and measure: lung-field box IoU, |CTR error|, sensitivity for
+    opacities >= ``min_mm`` whose centre lies in a lung field (and over all of them), false positives per
+    film (a detection matching no truth nodule of any size), mean |diameter error| (mm) of the matched
+    ones, and change-status accuracy on the pairs (truth nodules >= ``min_mm`` on either film)."""
+    import tempfile
+
+    from tools.dicom_io import load_study
+    from tools.drr import write_drr_patient
+
+    t_start = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory() if workdir is None else None
+    root = Path(workdir) if workdir is not None else Path(tmp.name)  # type: ignore[union-attr]
+    ious: list[float] = []
+    ctr_err: list[float] = []
+    n_films = 0
+    fp = 0
+    tp_in = n_in = tp_all = n_all = 0
+    d_err: list[float] = []
+    ch_ok = ch_n = 0
+    per_seed: list[dict[str, Any]] = []
+    run_s: list[float] = []
+    try:
+        for seed in seeds:
+            out = root / f"drr_{seed}"
+            truth = write_drr_patient(out, seed)
+            studies = {w: load_study(out / w) for w in ("prior", "current")}
+            row: dict[str, Any] = {"seed": seed}
+            for w, st in studies.items():
+                t0 = time.perf_counter()
+                an = analyze_radiograph(st.primary)
+                run_s.append(time.perf_counter() - t0)
+                tr = truth["studies"][w]
+                n_films += 1
+                sp = float(tr["pixel_spacing_mm"])
+                for side in SIDES:
+                    tb = tr["anatomy"].get(f"{side} lung", {}).get("bbox_px")
+                    pb = an.boxes.get(f"{side} lung")
+                    if tb is not None:
+                        ious.append(_box_iou(tb, pb) if pb is not None else 0.0)
+                if tr.get("cardiothoracic") and an.ctr is not None:
+                    ctr_err.append(abs(an.ctr - tr["cardiothoracic"]["ctr"]))
+                m = _match_truth(an.opacities, tr["nodules"], sp)
+                fp += sum(1 for f in an.opacities if f.id not in m.values())
+                for t in tr["nodules"]:
+                    if t["diameter_mm"] < min_mm:
+                        continue
+                    hit = t["id"] in m
+                    n_all += 1
+                    tp_all += hit
+                    if t["in_field"]:
+                        n_in += 1
+                        tp_in += hit
+                    if hit:
+                        f = next(x for x in an.opacities if x.id == m[t["id"]])
+                        if f.units == "mm" and f.diameter_mm is not None:
+                            d_err.append(abs(f.diameter_mm - t.get("projected_diameter_mm", t["diameter_mm"])))
+                row[w] = {"ctr": an.ctr, "truth_ctr": (tr.get("cardiothoracic") or {}).get("ctr"),
+                          "opacities": len(an.opacities), "matched": len(m)}
+            res = compare_radiographs(studies["current"], studies["prior"])
+            cur_tr = {t["id"]: t for t in truth["studies"]["current"]["nodules"]}
+            pri_tr = {t["id"]: t for t in truth["studies"]["prior"]["nodules"]}
+            cur_found = [f for f in res.findings if f.bbox_px is not None]
+            mc = _match_truth(cur_found, list(cur_tr.values()), float(truth["studies"]["current"]["pixel_spacing_mm"]))
+            pa = analyze_radiograph(studies["prior"].primary)
+            mp = _match_truth(pa.opacities, list(pri_tr.values()), float(truth["studies"]["prior"]["pixel_spacing_mm"]))
+            for n in truth["nodules"]:
+                sizes = [x["diameter_mm"] for x in (n["prior"], n["current"]) if x]
+                if not sizes or max(sizes) < min_mm:
+                    continue
+                ch_n += 1
+                fate = n["fate"]
+                got: str | None = None
+                if n["current"] is not None and n["id"] in mc:
+                    f = next(x for x in res.findings if x.id == mc[n["id"]])
+                    got = f.change.status if f.change else None
+                elif n["current"] is None and n["id"] in mp:
+                    pid = mp[n["id"]]
+                    got = "resolved" if any(f.change and f.change.status == "resolved" and
+                                            f.change.prior_finding_id == pid for f in res.findings) else None
+                ch_ok += got == fate
+            per_seed.append(row)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return {
+        "seeds": list(seeds), "films": n_films,
+        "lung_field_box_iou": round(float(np.mean(ious)), 3) if ious else None,
+        "lung_field_box_iou_min": round(float(np.min(ious)), 3) if ious else None,
+        "ctr_abs_error": round(float(np.mean(ctr_err)), 4) if ctr_err else None,
+        "ctr_abs_error_max": round(float(np.max(ctr_err)), 4) if ctr_err else None,
+        f"sensitivity_ge{min_mm:g}mm_in_field": round(tp_in / n_in, 3) if n_in else None,
+        f"sensitivity_ge{min_mm:g}mm_all": round(tp_all / n_all, 3) if n_all else None,
+        "opacities_ge_min_in_field": n_in, "opacities_ge_min_all": n_all,
+        "fp_per_film": round(fp / max(n_films, 1), 3),
+        "diameter_abs_error_mm": round(float(np.mean(d_err)), 2) if d_err else None,
+        "change_status_accuracy": round(ch_ok / ch_n, 3) if ch_n else None, "change_pairs": ch_n,
+        "analysis_s_per_film": round(float(np.mean(run_s)), 2) if run_s else None,
+        "runtime_s": round(time.perf_counter() - t_start, 1), "per_seed": per_seed,
+    }
