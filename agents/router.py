@@ -278,8 +278,32 @@ def route(question: str, context: dict[str, Any] | None = None) -> Plan:
             calls.append(ToolCall(tool, {"recheck": any(w in q.lower() for w in ("double", "check", "verify"))}))
     if detector_wants:
         want = "lesions" if "lesions" in detector_wants else detector_wants[0]
-        calls.insert(0, ToolCall("detector", {"regions": regions, "lesion_kind": lesion, "want": want}))
+        args: dict[str, Any] = {"regions": regions, "lesion_kind": lesion, "want": want}
+        ids = _finding_ids(q, regions, context, followup)
+        if ids:
+            args["finding_ids"] = ids
+        calls.insert(0, ToolCall("detector", args))
     return Plan(calls, intents, regions, approximate=approximate, lesion_kind=lesion, followup=followup, scores=best)
+
+
+_FID = re.compile(r"\b([FR]\d+)\b", re.IGNORECASE)
+_SINGULAR = re.compile(r"\b(it|its|that one|this one|the one|that nodule|this nodule|that lesion|this lesion)\b",
+                       re.IGNORECASE)
+
+
+def _finding_ids(q: str, regions: list[str], context: dict[str, Any], followup: bool) -> list[str]:
+    """Findings a turn points at: named ids ("F2"), or "it" after an answer with several findings."""
+    named = [m.upper() for m in _FID.findall(q)]
+    if named:
+        return list(dict.fromkeys(named))
+    last = [f for f in context.get("last_findings") or [] if f.get("center_mm")]
+    if not (followup or _is_anaphora(q)) or not _SINGULAR.search(q) or len(last) < 2:
+        return []
+    if regions:
+        last = [f for f in last if f.get("region") and any(vocab.contains(r, f["region"]) for r in regions)]
+    if not last:
+        return []
+    return [max(last, key=lambda f: f.get("diameter_mm") or 0.0)["id"]]
 
 
 _ANAPHORA = re.compile(r"\b(it|its|that|this one|that one|the one|them|those|these|same)\b", re.IGNORECASE)

@@ -46,8 +46,35 @@ def detector_agent(args: DetectorArgs, ctx: dict[str, Any]) -> dict[str, Any]:
     notes = list(res.notes)
     if ctx.get("plan", {}).get("approximate"):
         notes.insert(0, LOBE_NOTE)
-    return _out("detector", summary=res.summary, findings=_dump(res.findings), evidence=_dump(res.evidence),
+    findings, evidence, summary = res.findings, res.evidence, res.summary
+    if args.finding_ids:
+        wanted = set(args.finding_ids)
+        picked = [f for f in findings if f.id in wanted]
+        if picked:
+            findings = picked
+            evidence = [e for e in evidence if wanted & set(e.finding_ids)] or evidence
+            summary = " ".join(_describe(f) for f in picked)
+            if not any(i.upper() in ctx.get("question", "").upper() for i in wanted):
+                notes.insert(0, f"“{ctx.get('question', '')}” was taken to mean {', '.join(sorted(wanted))}, the "
+                                "largest finding of the last answer; name another by its id (e.g. “how big is F2?”).")
+        else:
+            summary = f"{', '.join(sorted(wanted))} is not among the findings of this study. " + summary
+    return _out("detector", summary=summary, findings=_dump(findings), evidence=_dump(evidence),
                 measured=list(res.measured), notes=notes)
+
+
+def _describe(f: Any) -> str:
+    unit = getattr(f, "units", "mm")
+    parts = [f"{f.id} ({f.region or 'lung'}): {f.label or f.kind}"]
+    if f.diameter_mm:
+        parts.append(f"{f.diameter_mm:.1f} {unit} mean axial diameter")
+    if f.long_axis_mm and f.short_axis_mm:
+        parts.append(f"({f.long_axis_mm:.1f} x {f.short_axis_mm:.1f} {unit})")
+    if f.volume_mm3:
+        parts.append(f"volume {f.volume_mm3:.0f} mm3")
+    if f.slice_index is not None:
+        parts.append(f"best seen on slice {f.slice_index + 1}")
+    return ", ".join(parts) + "."
 
 
 def comparer_agent(args: ComparerArgs, ctx: dict[str, Any]) -> dict[str, Any]:

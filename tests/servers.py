@@ -11,6 +11,7 @@ installer itself is unavailable or fails (no apt, no network to the mirror, not 
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import json
@@ -214,6 +215,7 @@ def orthanc_singleton() -> OrthancServer:
     with _LOCK:
         if _ORTHANC is None or _ORTHANC.process.poll() is not None:
             _ORTHANC = start_orthanc()
+            atexit.register(stop_orthanc)  # also when the session ends abnormally
         return _ORTHANC
 
 

@@ -100,11 +100,13 @@ def _tab(page: Any, name: str) -> None:
 # ------------------------------------------------------------------------------------------------
 def test_sign_in(page: Any) -> None:
     page.get_by_label("username").fill("alice")
+    page.get_by_label("password").fill(USERS["alice"])
+    shot(page, "01-sign-in.png")
     page.get_by_label("password").fill("wrong")
     page.get_by_role("button", name="Login").click()
     page.get_by_text(re.compile("incorrect", re.I)).wait_for()
+    page.get_by_label("username").fill("alice")  # the form is cleared after a refusal
     page.get_by_label("password").fill(USERS["alice"])
-    shot(page, "01-sign-in.png")
     page.get_by_role("button", name="Login").click()
     page.locator("#ra-chat").wait_for()
     assert page.locator("#ra-source").is_visible()  # the PACS source is offered
@@ -122,6 +124,7 @@ def test_open_demo_patient_from_pacs(page: Any, pacs_patient: dict[str, Any]) ->
     labels = options.all_inner_texts()
     assert any(cur in lab for lab in labels) and any(prior in lab for lab in labels)
     assert not any(pacs_patient["patient_id"] in lab for lab in labels)  # pseudonyms only
+    page.wait_for_timeout(400)  # let the list finish fading in
     shot(page, "02-pacs-studies.png")
     t0 = time.monotonic()
     page.get_by_role("option", name=re.compile(re.escape(cur))).click()

@@ -113,6 +113,10 @@ def test_list_patient_studies(client: PacsClient, pacs_patient: dict[str, Any]) 
     assert current.study_date and prior.study_date and current.study_date > prior.study_date
     assert {current.study_uid, prior.study_uid} == {truth["current"]["study_uid"], truth["prior"]["study_uid"]}
     assert current.modality == "CT" and current.n_instances and current.n_series == 1
+    import pydicom
+
+    header = pydicom.dcmread(next((pacs_patient["dir"] / "current").glob("*.dcm")), stop_before_pixels=True)
+    assert current.description == header.StudyDescription and current.description
     same = client.list_studies(patient_id=pacs_patient["patient_id"])
     assert {s.study_uid for s in same} >= {current.study_uid, prior.study_uid}
     patients = [p for p in client.list_patients() if p.patient_id == pacs_patient["patient_id"]]

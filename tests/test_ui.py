@@ -17,7 +17,6 @@ from tools.schemas import Answer, Reliability
 from ui import app as ui_app
 
 
-
 def _have_phantom() -> bool:
     try:
         from tools.phantom import write_patient  # noqa: F401
@@ -230,14 +229,19 @@ def test_bad_upload_shows_clear_error_and_session_continues(served: dict[str, An
 
 def test_upload_imports_and_selects_the_study(served: dict[str, Any], tmp_path: Path) -> None:
     import shutil
+    import time
 
+    from gradio.utils import get_upload_folder
     from gradio_client import handle_file
     from pydicom.data import get_testdata_file
 
     client = served["client"]
     src = tmp_path / "CT_small.dcm"
     shutil.copyfile(get_testdata_file("CT_small.dcm"), src)
+    t0 = time.time() - 1
     out = client.predict([handle_file(str(src))], [], api_name="/upload")
+    left = [p for p in Path(get_upload_folder()).rglob("CT_small.dcm") if p.stat().st_mtime >= t0]
+    assert not left  # the server's upload cache no longer holds the study
     uid = out[0]["value"] if isinstance(out[0], dict) else out[0]  # the picker's update
     rec = served["consultant"].store.get(uid)
     assert rec is not None and rec.modality == "CT"
@@ -268,3 +272,125 @@ def test_evidence_panel_from_answer(tmp_path: Path) -> None:
     assert rows == [["F1", "nodule", "right upper zone", "8.1 mm", "grew, prior 6.0 mm, 343 d", "0.91"]]
     assert "Growing nodule." in report and "4A" in report and "high (0.90)" in badge
     assert files is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Sessions, uploads, clickable evidence (no server)
+# ------------------------------------------------------------------------------------------------
+def _req(user: str) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(username=user)
+
+
+def test_conversations_belong_to_their_user(tmp_path: Path) -> None:
+    fake = ScriptedConsultant(tmp_path)
+    fake.seen_running.set()
+    app = ui_app.App(fake, auth_enabled=True)  # type: ignore[arg-type]
+    *_, last = app.chat("nodules in the right upper lobe?", [], None, "auto", None, request=_req("alice"))
+    alice_thread = last[2]
+    assert [c["thread_id"] for c in app.conversations.list("alice")] == [alice_thread]
+    assert app.conversations.list("bob") == []
+    assert app.conversation_choices("bob") == [] and "right upper lobe" in app.conversation_choices("alice")[0][0]
+    # bob cannot continue alice's thread: he gets a new one, and alice's is untouched
+    *_, last = app.chat("how big is it?", [], None, "auto", alice_thread, request=_req("bob"))
+    assert last[2] != alice_thread and fake.threads[-1] == last[2]
+    assert "another user" in _text(last[0][0])
+    assert app.conversations.owner(alice_thread) == "alice" and app.conversations.owner(last[2]) == "bob"
+    # nor reopen it, nor ask on it through the API
+    with pytest.warns(UserWarning, match="not one of yours"):
+        out = app.open_conversation(alice_thread, request=_req("bob"))
+    assert all(isinstance(v, dict) and set(v) <= {"__type__"} for v in out)  # nothing changed
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="another user"):
+        app.ask_api("how big is it?", "", alice_thread, request=_req("bob"))
+    # the same thread keeps going for its owner
+    *_, last = app.chat("and the left?", [], None, "auto", alice_thread, request=_req("alice"))
+    assert last[2] == alice_thread
+
+
+def test_upload_limit_and_cache_cleanup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = ScriptedConsultant(tmp_path / "home")
+    big = tmp_path / "big.dcm"
+    big.write_bytes(b"\0" * (2 * 1024 * 1024))
+    with pytest.raises(ui_app.RadAssistError, match="limit is 1 MB"):
+        ui_app.import_uploads(fake, [str(big)], max_mb=1)  # type: ignore[arg-type]
+    cache = tmp_path / "gradio-cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    inside = cache / "abc123" / "study.dcm"
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes(b"x")
+    outside = tmp_path / "keep.dcm"
+    outside.write_bytes(b"y")
+    assert ui_app.discard_uploads([str(inside), str(outside)]) == 1
+    assert not inside.exists() and not inside.parent.exists() and cache.exists() and outside.exists()
+
+
+def test_before_after_wipe_and_blend(tmp_path: Path) -> None:
+    from PIL import Image
+
+    w, h = 40, 30
+    pair = Image.new("RGB", (2 * w + 4, h), (0, 0, 0))
+    pair.paste(Image.new("RGB", (w, h), (200, 200, 200)), (0, 0))
+    pair.paste(Image.new("RGB", (w, h), (100, 100, 100)), (w + 4, 0))
+    path = tmp_path / "compare_F1.png"
+    pair.save(path)
+    cur, pri = ui_app.split_pair(path)
+    assert cur.shape == pri.shape and cur.shape[1] >= 384  # upscaled for legibility
+    assert (cur == 200).all() and (pri == 100).all()
+    assert (ui_app.compose_pair(cur, pri, 100) == 200).all()
+    assert (ui_app.compose_pair(cur, pri, 0) == 100).all()
+    half = ui_app.compose_pair(cur, pri, 50)
+    assert half[0, 0, 0] == 200 and half[0, -1, 0] == 100
+    assert (ui_app.compose_pair(cur, pri, 25, "blend") == 125).all()
+    from tools.schemas import Evidence
+
+    ans = _answer("compared", "t").model_copy(update={"evidence": [
+        Evidence(kind="image", path=str(path), caption="F1 grew: current vs prior", finding_ids=["F1"],
+                 role="before-after")]})
+    assert ui_app.before_after_choices(ans) == [("F1 grew: current vs prior", "0")]
+    app = ui_app.App(ScriptedConsultant(tmp_path))  # type: ignore[arg-type]
+    extras = app.extras(ans)
+    assert extras[3]["value"] == "0" and extras[5] is not None and extras[7]["selected"] == "compare"
+    assert (app.wipe("0", 100, "wipe", ans) == 200).all()
+
+
+def test_boxes_on_the_slice_and_report_sentences(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from tools.schemas import Evidence, Finding, Report, ReportSentence
+
+    class FakeSeries:
+        series_uid, modality, photometric = "S1", "CT", "MONOCHROME2"
+        pixels = np.full((5, 20, 30), -1000.0, dtype=np.float32)
+        direction = np.diag([-1.0, 1.0, 1.0])  # columns run to the patient's right: displayed flipped
+        shape = (5, 20, 30)
+
+    f1 = Finding(id="F1", kind="nodule", bbox_vox=[2, 3, 1, 5, 6, 2], slice_index=2, series_uid="S1",
+                 study_uid="ST", diameter_mm=6.0)
+    f2 = Finding(id="F2", kind="nodule", bbox_vox=[10, 10, 4, 12, 12, 4], slice_index=4, series_uid="S1",
+                 study_uid="ST")
+    img, boxes = ui_app.slice_annotations(FakeSeries(), [f1, f2], 2)
+    scale = img.shape[1] // 30
+    assert img.shape == (20 * scale, 30 * scale, 3) and [lab for _, lab in boxes] == ["F1 nodule 6.0 mm"]
+    x0, y0, x1, y1 = boxes[0][0]
+    assert x0 == (29 - 5 - 2) * scale and y0 == (3 - 2) * scale  # flipped columns, 2 px padding
+    assert x1 > x0 and y1 > y0
+    png = tmp_path / "F1.png"
+    Image.new("L", (8, 8)).save(png)
+    ans = _answer("report", "t").model_copy(update={
+        "findings": [f1, f2],
+        "evidence": [Evidence(kind="image", path=str(png), caption="F1 key image", finding_ids=["F1"]),
+                     Evidence(kind="image", path=str(png), caption="F2 key image", finding_ids=["F2"])],
+        "report": Report(sections={"findings": "..."}, sentences=[
+            ReportSentence(text="Technique.", finding_ids=[]),
+            ReportSentence(text="F2 is small.", finding_ids=["F2"])])})
+    assert ui_app.sentence_choices(ans) == [("F2 is small.", "1")]
+    app = ui_app.App(ScriptedConsultant(tmp_path))  # type: ignore[arg-type]
+    app._series_for = lambda answer, f: FakeSeries()  # type: ignore[method-assign]
+    gallery, keyimg, pick, sent_img = app.select_sentence("1", ans)
+    assert [c for _, c in gallery] == ["F2 key image [F2]"]
+    assert pick["value"] == "F2" and keyimg[1][0][1].startswith("F2") and sent_img is keyimg
+    assert app.extras(ans)[7]["selected"] == "report"

@@ -1026,7 +1026,7 @@ def segment_anatomy(series: Series) -> Anatomy:
     # (the paravertebral gutters behind the vertebral bodies' front are costal pleura: kept)
     front = spine_info["front"] if np.isfinite(spine_info["front"]).all() else np.full(work.shape[0], np.inf)
     hilar = med & (yb < front[:, None, None])
-    near_med = _dilate_mm(hilar | heart | aorta | main_airway, 8.0, grid.spacing)
+    near_med = _dilate_mm(hilar | aorta | main_airway, 8.0, grid.spacing) | _dilate_mm(heart, 3.0, grid.spacing)
     closed = lungs | (added & ~near_med)
 
     # --- labels

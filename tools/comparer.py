@@ -99,8 +99,10 @@ def _lung_mask(arr: np.ndarray) -> np.ndarray:
     lab, n = ndimage.label(air)
     if n == 0:
         return air
-    border = np.unique(np.concatenate([lab[0].ravel(), lab[-1].ravel(), lab[:, 0].ravel(), lab[:, -1].ravel(),
-                                       lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
+    # air outside the body touches the in-plane edges; the airway leaves through the top slice, so the
+    # cranio-caudal faces are not treated as outside
+    border = np.unique(np.concatenate([lab[:, 0].ravel(), lab[:, -1].ravel(), lab[:, :, 0].ravel(),
+                                       lab[:, :, -1].ravel()]))
     inside = air & ~np.isin(lab, border)
     return inside
 

@@ -364,32 +364,31 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
         cid = int(np.bincount(ids).argmax())
     obj = lab == cid
     raw_n = int(obj.sum())
-    # vessel detachment: open with a ball scaled to the blob, keep the centre component, and give
-    # back what the opening shaved off the nodule itself (a limited reconstruction)
+    # vessel detachment: an opening scaled to the blob's own thickness (its largest inscribed
+    # sphere near the candidate, from the distance transform) cuts vessels thinner than ~2/3 of it;
+    # the centre component is then given back what the opening shaved off the nodule itself
     final = obj
     opened_frac = 1.0
-    for fr in (0.6, 0.4):
-        ro = fr * r
-        if ro < 1.05 * max(di, dj):
-            break
-        b = _ball(ro, series.spacing)
-        op = ndi.binary_opening(obj, structure=b)
-        lab2, n2 = ndi.label(op)
-        if n2 == 0:
-            continue
-        cid2 = int(lab2[tuple(ci)])
-        if cid2 == 0:
-            near = dist2 <= (0.6 * r + max(di, dj)) ** 2
-            ids = lab2[near & (lab2 > 0)]
-            if ids.size == 0:
-                continue
-            cid2 = int(np.bincount(ids).argmax())
-        corep = lab2 == cid2
-        if corep.sum() < 0.25 * (4.0 / 3.0 * np.pi * (0.5 * r) ** 3) / (di * dj * dk):
-            continue
-        final = obj & ndi.binary_dilation(corep, structure=_ball(ro + 0.5 * max(di, dj), series.spacing))
-        opened_frac = float(final.sum()) / max(raw_n, 1)
-        break
+    # (the chest wall counts as solid here, so a nodule cut flat by the pleura keeps its own size)
+    edt = ndi.distance_transform_edt(obj | ~lung, sampling=sp_kji)
+    search = obj & (dist2 <= (r + 3.0) ** 2)
+    if search.any():
+        r_in = float(edt[search].max())
+        ro = 0.65 * r_in
+        if ro >= 1.05 * max(di, dj):
+            er = (edt > ro) & obj
+            lab2, n2 = ndi.label(er)
+            if n2:
+                pk = np.unravel_index(int(np.argmax(np.where(search, edt, -1.0))), edt.shape)
+                cid2 = int(lab2[pk])
+                if cid2 == 0:
+                    ids = lab2[search & (lab2 > 0)]
+                    cid2 = int(np.bincount(ids).argmax()) if ids.size else 0
+                if cid2:
+                    core_er = lab2 == cid2
+                    grow = ndi.distance_transform_edt(~core_er, sampling=sp_kji) <= ro + 0.75 * max(di, dj)
+                    final = obj & grow
+                    opened_frac = float(final.sum()) / max(raw_n, 1)
     lab3, n3 = ndi.label(final)
     if n3 > 1:
         cid3 = int(lab3[tuple(ci)]) or int(np.bincount(lab3[lab3 > 0]).argmax())
@@ -483,20 +482,43 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
     }
 
 
+def _ramp(x: float, zero: float, one: float) -> float:
+    """0 at ``zero``, 1 at ``one`` (either order), linear between."""
+    if one == zero:
+        return 1.0 if x >= one else 0.0
+    return float(np.clip((x - zero) / (one - zero), 0.0, 1.0))
+
+
 def _confidence(seg: dict[str, Any], cand: dict[str, Any]) -> float:
-    """0-1 plausibility that a segmented blob is a nodule (not a vessel, wall or noise)."""
+    """0-1 plausibility that a segmented blob is a nodule rather than a vessel, the wall or noise.
+
+    Evidence used (each a soft ramp; their product is the score):
+    - compactness: elongation of the 3-D inertia ellipsoid (a juxtapleural nodule, cut flat by
+      the pleura, is allowed more);
+    - blobness: l3/l1 of the Hessian at the detected scale (1 for a ball, 0 for a tube);
+    - normalised dot response: the filter response per HU of contrast (shape only);
+    - vessel burden: cross-section of the thresholded structure leaving a shell around the blob,
+      relative to the blob's own (vessels run through, a nodule does not);
+    - what the opening kept (a blob made mostly of vessel is not a nodule);
+    - contrast against the local parenchyma and size.
+    """
+    rn = cand.get("resp", 0.0) / max(seg["contrast"], 1.0) if "resp" in cand else 0.15
+    blob = cand.get("blob", 0.8)
     s = 1.0
-    el = seg["elong"]
-    s *= float(np.clip(1.0 - (el - 1.6) / 1.4, 0.0, 1.0))  # 1.6 -> 1, 3.0 -> 0
-    s *= float(np.clip(1.0 - seg["border_frac"] * 8.0, 0.0, 1.0))
-    d = seg["mean_d"]
-    s *= float(np.clip((d - 2.5) / 2.0, 0.0, 1.0))
-    s *= float(np.clip((seg["contrast"] - 100.0) / 150.0, 0.0, 1.0))
-    blob = cand.get("blob", 0.5)
-    s *= float(np.clip(0.4 + blob, 0.0, 1.0))
-    # the detected scale should agree with the segmented size (a vessel's segment runs long)
-    ratio = seg["eq_d"] / max(2.0 * cand.get("radius", seg["eq_d"] / 2.0), 1e-6)
-    s *= float(np.clip(1.0 - (ratio - 2.2) / 1.5, 0.0, 1.0))
+    if seg.get("juxtapleural"):
+        s *= _ramp(seg["elong"], 3.0, 2.7)
+        s *= _ramp(blob, 0.5, 0.6)
+        s *= _ramp(rn, 0.05, 0.065)
+        s *= _ramp(seg["shell_ratio"], 0.45, 0.3)
+    else:
+        s *= _ramp(seg["elong"], 2.1, 1.7)
+        s *= _ramp(blob, 0.55, 0.65)
+        s *= _ramp(rn, 0.09, 0.11)
+        s *= _ramp(seg["shell_ratio"], 0.6, 0.45)
+        s *= _ramp(seg["opened_frac"], 0.4, 0.5)
+    s *= _ramp(seg["contrast"], 100.0, 150.0)
+    s *= _ramp(seg["mean_d"], 2.5, 3.5)
+    s *= _ramp(seg["border_frac"], 0.1, 0.0)
     return float(np.clip(s, 0.0, 1.0))
 
 
@@ -656,7 +678,7 @@ def measure_at(series: Series, center_mm: list[float], analysis: SeriesAnalysis 
     seg = _segment(series, pos, rad, paren, lung_roi)
     if seg is None:
         return None
-    conf = _confidence(seg, {"radius": rad, "blob": 0.6})
+    conf = _confidence(seg, {"radius": rad})
     anat = analysis.anatomy if analysis is not None else None
     return _to_finding(series, anat, seg, conf, "M1")
 

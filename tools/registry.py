@@ -20,6 +20,8 @@ class DetectorArgs(BaseModel):
     want: Literal["lesions", "anatomy", "describe"] = Field(
         default="lesions", description="lesions: find lesions; anatomy: where is a structure; describe: region-to-text.")
     box_mm: list[float] | None = Field(default=None, description="A box [x0,y0,z0,x1,y1,z1] in patient mm (LPS).")
+    finding_ids: list[str] = Field(default_factory=list,
+                                   description="Restrict the answer to these findings (e.g. ['F2']).")
 
 
 class ComparerArgs(BaseModel):

@@ -257,7 +257,7 @@ class ConversationIndex:
 
     def add(self, user: str, thread_id: str, study_uid: str | None, title: str) -> bool:
         """Record a new thread for ``user``; False when the thread already exists (any owner)."""
-        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         title = " ".join((title or "conversation").split())[:80]
         with self._lock, self._connect() as con:
             cur = con.execute("INSERT OR IGNORE INTO conversations VALUES (?, ?, ?, ?, ?)",
@@ -266,7 +266,8 @@ class ConversationIndex:
 
     def set_study(self, user: str, thread_id: str, study_uid: str | None) -> None:
         with self._lock, self._connect() as con:
-            con.execute("UPDATE conversations SET study_uid=? WHERE thread_id=? AND user=?", (study_uid, thread_id, user))
+            con.execute("UPDATE conversations SET study_uid=? WHERE thread_id=? AND user=?",
+                        (study_uid, thread_id, user))
 
     def list(self, user: str, limit: int = 100) -> list[dict[str, Any]]:
         with self._connect() as con:
@@ -456,7 +457,10 @@ def _box_label(f: Finding) -> str:
     return f"{f.id} {f.kind}{size}"
 
 
-def slice_annotations(series: Any, findings: list[Finding], k: int) -> tuple[np.ndarray, list[tuple[tuple[int, int, int, int], str]]]:
+Box = tuple[tuple[int, int, int, int], str]
+
+
+def slice_annotations(series: Any, findings: list[Finding], k: int) -> tuple[np.ndarray, list[Box]]:
     """The slice ``k`` of ``series`` (display orientation, RGB) and the boxes of the findings it cuts."""
     nk, nj, ni = series.shape
     k = int(np.clip(k, 0, nk - 1))
@@ -464,7 +468,7 @@ def slice_annotations(series: Any, findings: list[Finding], k: int) -> tuple[np.
     flip_i, flip_j = _display_flips(series) if nk > 1 else (False, False)
     img = img[:, ::-1] if flip_i else img
     img = img[::-1, :] if flip_j else img
-    boxes: list[tuple[tuple[int, int, int, int], str]] = []
+    boxes: list[Box] = []
     for f in findings:
         if nk == 1 and f.bbox_px is not None:  # radiograph: pixel box [x0, y0, x1, y1]
             x0, y0, x1, y1 = (float(v) for v in f.bbox_px)
@@ -990,7 +994,7 @@ def build_app(consultant: Consultant | None = None, auth: Callable[[str, str], b
         answer_state = gr.State(None)
         gr.Markdown(f"## {TITLE}\n{DISCLAIMER}")
         with gr.Row(equal_height=False):
-            with gr.Column(scale=1, min_width=260):
+            with gr.Column(scale=1, min_width=300):
                 source = gr.Radio([SOURCE_LOCAL, SOURCE_PACS], value=SOURCE_LOCAL, label="Source",
                                   info=f"PACS: {pacs.host}" if pacs is not None else None,
                                   visible=pacs is not None, elem_id="ra-source")
@@ -1031,7 +1035,7 @@ def build_app(consultant: Consultant | None = None, auth: Callable[[str, str], b
                             ba_mode = gr.Radio(WIPE_MODES, value="wipe", label="Mode", scale=1, min_width=90)
                             ba_slider = gr.Slider(0, 100, value=50, step=1, scale=3, elem_id="ra-wipe",
                                                   label="prior ◀ ▶ current (% of the current image shown)")
-                        ba_img = gr.Image(label="Current (left of the line) and registered prior", height=380,
+                        ba_img = gr.Image(label="Current (left of the line) and registered prior", height=340,
                                           interactive=False, format="png", elem_id="ra-pair-image")
                     with gr.Tab("Report", id="report"):
                         sent_img = gr.AnnotatedImage(label="Boxes of the selected sentence's findings", height=260,

@@ -102,7 +102,7 @@ def cmd_studies(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from ui.app import launch_demo
 
-    launch_demo(host=a.host, port=a.port, auth_file=a.auth)
+    launch_demo(host=a.host, port=a.port, auth_file=a.auth, pacs_url=a.pacs)
     return 0
 
 
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--auth", help="users file (user:sha256-hash lines); required beyond localhost")
+    s.add_argument("--pacs", help="DICOMweb root of a PACS, e.g. http://pacs:8042/dicom-web "
+                                  "(default: $RADASSIST_PACS_URL)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("doctor", help="show which model each role uses and why (probes configured servers)")

@@ -327,7 +327,7 @@ class PacsClient:
         if r.status_code >= 400:
             raise PacsError(f"The PACS at {self.host} answered HTTP {r.status_code} while {what}.")
 
-    def _get_json(self, path: str, params: dict[str, Any] | None, what: str) -> list[dict[str, Any]]:
+    def _get_json(self, path: str, params: list[tuple[str, str]] | None, what: str) -> list[dict[str, Any]]:
         try:
             r = self._client.get(self.base_url + path, params=params, headers={"Accept": JSON_ACCEPT})
         except httpx.HTTPError as exc:
@@ -347,11 +347,12 @@ class PacsClient:
     def list_studies(self, patient_id: str | None = None, study_uid: str | None = None, limit: int = 500,
                      ) -> list[PacsStudy]:
         """Studies in the archive (optionally of one patient), newest first."""
-        params: dict[str, Any] = {"includefield": ",".join(STUDY_FIELDS), "limit": str(limit)}
+        # includefield repeated (not comma-separated): every DICOMweb server understands that form
+        params: list[tuple[str, str]] = [("includefield", t) for t in STUDY_FIELDS] + [("limit", str(limit))]
         if patient_id is not None:
-            params["PatientID"] = patient_id
+            params.append(("PatientID", patient_id))
         if study_uid is not None:
-            params["StudyInstanceUID"] = study_uid
+            params.append(("StudyInstanceUID", study_uid))
         rows = self._get_json("/studies", params, "listing studies")
         out = []
         for ds in rows:
@@ -398,7 +399,8 @@ class PacsClient:
     def list_instances(self, study_uid: str, series_uid: str | None = None) -> list[PacsInstance]:
         path = f"/studies/{study_uid}" + (f"/series/{series_uid}" if series_uid else "") + "/instances"
         rows = self._get_json(path, None, "listing a study's instances")
-        out = [PacsInstance(sop_uid=str(_value(ds, T_SOP_UID, "")), sop_class_uid=str(_value(ds, T_SOP_CLASS, "") or ""),
+        out = [PacsInstance(sop_uid=str(_value(ds, T_SOP_UID, "")),
+                            sop_class_uid=str(_value(ds, T_SOP_CLASS, "") or ""),
                             number=_int(_value(ds, T_INSTANCE_NUMBER))) for ds in rows]
         return sorted(out, key=lambda i: (i.number is None, i.number or 0, i.sop_uid))
 

@@ -1,0 +1,153 @@
+"""Chest radiographs: DRRs projected from the CT phantoms (truth) and the real film RG1_UNCR (pydicom-data)."""
+from __future__ import annotations
+
+import importlib.metadata
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tools.detector import DetectRequest
+from tools.dicom_io import load_study
+from tools.errors import StudyError
+from tools.radiograph import (_box_iou, _match_truth, _medial_lateral, analyze_radiograph, compare_radiographs,
+                              run_radiograph_detector)
+
+SEED = 9  # a patient with a growing >= 10 mm right middle-zone nodule
+
+
+@pytest.fixture(scope="module")
+def drr_patient(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from tools.drr import make_drr_pair, write_drr_patient
+
+    drrs = make_drr_pair(SEED)
+    out = tmp_path_factory.mktemp("drr") / "patient"
+    truth = write_drr_patient(out, SEED, drrs=drrs)
+    px_out = tmp_path_factory.mktemp("drr_px") / "patient"
+    px_truth = write_drr_patient(px_out, SEED, pixel_spacing=False, drrs=drrs)
+    return {"dir": out, "truth": truth, "px_dir": px_out, "px_truth": px_truth,
+            "current": load_study(out / "current"), "prior": load_study(out / "prior")}
+
+
+@pytest.fixture(scope="module")
+def rg1() -> Any:
+    p = importlib.metadata.distribution("pydicom-data").locate_file("data_store/data/RG1_UNCR.dcm")
+    if not Path(str(p)).exists():
+        pytest.skip("pydicom-data's RG1_UNCR.dcm is not installed")
+    return load_study(str(p))
+
+
+def test_drr_dicom_and_truth(drr_patient: dict[str, Any]) -> None:
+    st = drr_patient["current"]
+    s = st.primary
+    assert s.modality == "DX" and s.is_radiograph and s.spacing_known
+    tr = drr_patient["truth"]["studies"]["current"]
+    assert abs(s.spacing[0] - tr["pixel_spacing_mm"]) < 1e-3
+    assert list(s.pixels.shape[1:]) == tr["shape"]
+    assert 600 <= max(tr["shape"]) <= 1100
+    for name in ("right lung", "left lung", "right upper zone", "left lower zone", "heart", "mediastinum"):
+        assert name in tr["anatomy"]
+    assert 0.25 < tr["cardiothoracic"]["ctr"] < 0.6
+    # standard display: the right lung field on the image left
+    assert tr["anatomy"]["right lung"]["bbox_px"][2] < tr["anatomy"]["left lung"]["bbox_px"][0]
+
+
+def test_drr_analysis_matches_truth(drr_patient: dict[str, Any]) -> None:
+    st = drr_patient["current"]
+    tr = drr_patient["truth"]["studies"]["current"]
+    an = analyze_radiograph(st.primary)
+    for side in ("right", "left"):
+        assert _box_iou(tr["anatomy"][f"{side} lung"]["bbox_px"], an.boxes[f"{side} lung"]) >= 0.85
+    assert an.ctr is not None and abs(an.ctr - tr["cardiothoracic"]["ctr"]) <= 0.05
+    big = [t for t in tr["nodules"] if t["diameter_mm"] >= 10 and t["in_field"] and t["side"] == "right"]
+    m = _match_truth(an.opacities, big, tr["pixel_spacing_mm"])
+    assert m, "a >= 10 mm right-lung nodule should be found"
+    tid, fid = next(iter(m.items()))
+    f = next(o for o in an.opacities if o.id == fid)
+    t = next(x for x in big if x["id"] == tid)
+    assert f.side == t["side"] and f.zone == t["zone"] and f.units == "mm"
+    assert f.bbox_mm is not None and f.diameter_mm is not None and abs(f.diameter_mm - t["diameter_mm"]) < 6.0
+    assert all(cp["blunted"] is False for cp in an.costophrenic.values())
+
+
+def test_detector_requests_and_evidence(drr_patient: dict[str, Any], tmp_path: Path) -> None:
+    st = drr_patient["current"]
+    res = run_radiograph_detector(st, DetectRequest(want="anatomy", regions=["heart"], evidence_dir=tmp_path))
+    assert res.findings and res.findings[0].kind == "anatomy" and res.findings[0].bbox_px is not None
+    assert any("cardiothoracic ratio" in m and "cm" in m for m in res.measured)
+    assert res.evidence and all(Path(e.path).stat().st_size < 300_000 for e in res.evidence)
+    res2 = run_radiograph_detector(st, DetectRequest(regions=["left upper zone"]))
+    if not [f for f in res2.findings if f.kind != "anatomy"]:
+        assert "No nodule found in the left upper zone" in res2.summary
+    box = analyze_radiograph(st.primary).boxes["right middle zone"]
+    res3 = run_radiograph_detector(st, DetectRequest(want="describe"), box_px=[float(v) for v in box])
+    assert "right middle zone" in res3.summary
+
+
+def test_pixel_only_film_says_pixels(drr_patient: dict[str, Any]) -> None:
+    st = load_study(drr_patient["px_dir"] / "current")
+    assert not st.primary.spacing_known
+    res = run_radiograph_detector(st, DetectRequest())
+    assert "pixels" in res.summary
+    assert all(f.units == "px" and f.bbox_mm is None for f in res.findings)
+    assert any("px" in m for m in res.measured)
+
+
+def test_compare_drr_pair_grown_nodule(drr_patient: dict[str, Any], tmp_path: Path) -> None:
+    truth = drr_patient["truth"]
+    res = compare_radiographs(drr_patient["current"], drr_patient["prior"], evidence_dir=tmp_path)
+    assert res.comparison["registration"]["lung_dice_after"] >= 0.9
+    assert res.comparison["cardiothoracic_ratio"]["change"] is not None
+    grew = [n for n in truth["nodules"] if n["fate"] == "grew" and n["current"]["diameter_mm"] >= 10]
+    assert grew
+    cur = truth["studies"]["current"]
+    m = _match_truth([f for f in res.findings if f.bbox_px], [n["current"] for n in grew], cur["pixel_spacing_mm"])
+    assert m, "the grown nodule should be matched on the current film"
+    f = next(x for x in res.findings if x.id == next(iter(m.values())))
+    assert f.change is not None and f.change.status == "grew"
+    roles = {e.role for e in res.evidence}
+    assert {"before-after", "subtraction"} <= roles
+
+
+def test_different_patients_refused(drr_patient: dict[str, Any], rg1: Any) -> None:
+    with pytest.raises(StudyError):
+        compare_radiographs(drr_patient["current"], rg1)
+
+
+def test_real_film_rg1(rg1: Any, tmp_path: Path) -> None:
+    s = rg1.primary
+    assert s.modality == "CR" and s.is_radiograph and not s.spacing_known
+    assert s.pixels.shape[1:] == (1955, 1841)
+    an = analyze_radiograph(s)
+    w = an.work
+    h, wd = w.shape
+    c = wd // 2
+    # displayed the right way round: a bright mediastinal/spine column between two darker lungs
+    upper = slice(int(0.2 * h), int(0.45 * h))
+    column = float(w[upper, c - int(0.04 * wd):c + int(0.04 * wd)].mean())
+    assert column > float(w[upper, int(0.15 * wd):int(0.35 * wd)].mean()) + 0.15
+    assert column > float(w[upper, int(0.65 * wd):int(0.85 * wd)].mean()) + 0.15
+    # two lung fields of plausible size, the right one on the image left
+    for code, side in ((1, "right"), (2, "left")):
+        frac = float((an.fields == code).mean())
+        assert 0.08 < frac < 0.35, (side, frac)
+    assert an.boxes["right lung"][2] < an.boxes["left lung"][0] + 0.05 * s.pixels.shape[2]
+    # heart bulk to the image right (patient's left): at the heart's level the left field's medial border
+    # lies farther from the midline than the right field's
+    mid = (an.midline_col - (an.factor - 1) / 2.0) / an.factor
+    med_r, _ = _medial_lateral(an.fields, 1)
+    med_l, _ = _medial_lateral(an.fields, 2)
+    rows = np.flatnonzero((an.fields > 0).any(axis=1))
+    rr = np.arange(int(rows[0] + 0.6 * (rows[-1] - rows[0])), int(rows[0] + 0.85 * (rows[-1] - rows[0])))
+    rr = rr[(med_r[rr] >= 0) & (med_l[rr] >= 0)]
+    assert rr.size and np.median(med_l[rr] - mid) > np.median(mid - med_r[rr])
+    # opacities: a list in pixels, each inside the film, with a side and zone
+    res = run_radiograph_detector(rg1, DetectRequest(evidence_dir=tmp_path))
+    assert "pixels" in res.summary
+    for f in res.findings:
+        assert f.units == "px" and f.side in ("right", "left") and f.zone in ("upper", "middle", "lower")
+        assert 0 <= f.bbox_px[0] < f.bbox_px[2] < s.pixels.shape[2]
+        assert not math.isnan(f.diameter_mm or 0.0)
+    assert res.evidence and all(Path(e.path).stat().st_size < 300_000 for e in res.evidence)
