@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tools import vocab
 from tools.schemas import Answer, Change, Evidence, Finding, Reliability, Report, Step, level_for
 
 DISCLAIMER = "Decision support only: confirm on the images before acting."
@@ -18,6 +19,9 @@ def merge_findings(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     merged: dict[str, dict[str, Any]] = {}
     for r in sorted(results, key=lambda r: order.get(r["tool"], 0)):
         for f in r.get("findings", []):
+            if f.get("kind") == "anatomy" and f.get("label") in vocab.BY_NAME:
+                # stable ids for anatomy across parallel detector calls: the region's place in the vocabulary
+                f = {**f, "id": f"A{[x.name for x in vocab.REGIONS].index(f['label']) + 1}"}
             prev = merged.get(f["id"])
             if prev is None or order.get(r["tool"], 0) >= 1:
                 merged[f["id"]] = {**(prev or {}), **{k: v for k, v in f.items() if v is not None}}
@@ -45,7 +49,7 @@ def compose(question: str, plan: dict[str, Any], results: list[dict[str, Any]], 
         if isinstance(f.get("change"), dict):
             f["change"] = Change(**f["change"])
         findings.append(Finding(**f))
-    evidence = [Evidence(**e) for r in results for e in r.get("evidence", [])]
+    evidence = list({e["path"]: Evidence(**e) for r in results for e in r.get("evidence", [])}.values())
 
     parts: list[str] = []
     for r in results:
@@ -64,7 +68,8 @@ def compose(question: str, plan: dict[str, Any], results: list[dict[str, Any]], 
         rel = Reliability(score=0.5, level="medium", method="not verified", details={})
     text = "\n\n".join(p for p in parts if p)
     if notes:
-        text += "\n\nNotes: " + " ".join(dict.fromkeys(notes))
+        text += "\n\nNotes: " + " ".join(n if n.rstrip().endswith((".", "!", "?")) else n.rstrip() + "."
+                                          for n in dict.fromkeys(notes))
     if measured:
         text += "\n\nMeasured: " + "; ".join(measured) + "."
     text += f"\n\nReliability: {rel.level} ({rel.score:.2f})"

@@ -192,6 +192,7 @@ def route(question: str, context: dict[str, Any] | None = None) -> Plan:
     clause_scores = _index().scores(clauses)
     intents: list[str] = []
     best: dict[str, float] = {}
+    clause_rows: list[tuple[list[str], list[str], str | None]] = []
     for clause, sc in zip(clauses, clause_scores):
         for k, v in sc.items():
             best[k] = max(best.get(k, -1.0), v)
@@ -219,6 +220,10 @@ def route(question: str, context: dict[str, Any] | None = None) -> Plan:
         for c in chosen:
             if c not in intents:
                 intents.append(c)
+        c_regions = [m.region for m in vocab.resolve_regions(clause) if m.region != "body"]
+        if not c_regions and clause_rows and chosen and clause_rows[-1][1]:
+            c_regions = list(clause_rows[-1][1])  # "is there a nodule in the RUL and how big is it"
+        clause_rows.append((chosen, c_regions, vocab.lesion_kind(clause)))
 
     followup = False
     if not intents:
@@ -277,13 +282,52 @@ def route(question: str, context: dict[str, Any] | None = None) -> Plan:
         elif tool == "verifier":
             calls.append(ToolCall(tool, {"recheck": any(w in q.lower() for w in ("double", "check", "verify"))}))
     if detector_wants:
-        want = "lesions" if "lesions" in detector_wants else detector_wants[0]
-        args: dict[str, Any] = {"regions": regions, "lesion_kind": lesion, "want": want}
+        det_calls = _detector_calls(clause_rows, regions, lesion, followup)
         ids = _finding_ids(q, regions, context, followup)
-        if ids:
-            args["finding_ids"] = ids
-        calls.insert(0, ToolCall("detector", args))
+        if ids and len(det_calls) == 1:
+            det_calls[0].args["finding_ids"] = ids
+        calls[0:0] = det_calls
     return Plan(calls, intents, regions, approximate=approximate, lesion_kind=lesion, followup=followup, scores=best)
+
+
+WANT_OF = {"detect": "lesions", "locate": "anatomy", "describe": "describe"}
+
+
+def _detector_calls(rows: list[tuple[list[str], list[str], str | None]], regions: list[str], lesion: str | None,
+                    followup: bool) -> list[ToolCall]:
+    """One detector call per distinct (want, regions) of the clauses: "any nodules? where is the heart?"
+    is a whole-chest lesion search and an anatomy question, not a search for nodules in the heart."""
+    wanted: list[tuple[str, list[str], str | None]] = []
+    for chosen, c_regions, c_lesion in rows:
+        for intent in chosen:
+            if intent in WANT_OF:
+                want = WANT_OF[intent]
+                if want == "anatomy" and c_lesion:
+                    want = "lesions"
+                wanted.append((want, c_regions, c_lesion))
+    if followup or not wanted:
+        want = "lesions"
+        if rows and any(i in WANT_OF for ch, _, _ in rows for i in ch):
+            want = next(WANT_OF[i] for ch, _, _ in rows for i in ch if i in WANT_OF)
+        if want == "anatomy" and lesion:
+            want = "lesions"
+        return [ToolCall("detector", {"regions": regions, "lesion_kind": lesion, "want": want})]
+    if len(wanted) == 1:
+        want = wanted[0][0]
+        return [ToolCall("detector", {"regions": regions, "lesion_kind": lesion, "want": want})]
+    calls: list[ToolCall] = []
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    whole_chest_lesions = any(w == "lesions" and not r for w, r, _ in wanted)
+    for want, c_regions, c_lesion in wanted:
+        if want == "lesions" and whole_chest_lesions:
+            c_regions = []
+        key = (want, tuple(c_regions))
+        if key in seen:
+            continue
+        seen.add(key)
+        kind = (c_lesion or lesion) if want == "lesions" else c_lesion
+        calls.append(ToolCall("detector", {"regions": c_regions, "lesion_kind": kind, "want": want}))
+    return calls
 
 
 _FID = re.compile(r"\b([FR]\d+)\b", re.IGNORECASE)

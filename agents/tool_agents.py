@@ -41,8 +41,14 @@ def detector_agent(args: DetectorArgs, ctx: dict[str, Any]) -> dict[str, Any]:
     study = cached_study(ctx["study"]["path"])
     box = ctx.get("request", {}).get("box_mm") or args.box_mm
     want = "describe" if box else args.want
-    res = run_detector(study, DetectRequest(regions=list(args.regions), lesion_kind=args.lesion_kind, box_mm=box,
-                                            want=want, evidence_dir=Path(ctx["evidence_dir"])))
+    req = DetectRequest(regions=list(args.regions), lesion_kind=args.lesion_kind, box_mm=box, want=want,
+                        evidence_dir=Path(ctx["evidence_dir"]))
+    if study.primary.is_radiograph:
+        from tools.radiograph import run_radiograph_detector
+
+        res = run_radiograph_detector(study, req)
+    else:
+        res = run_detector(study, req)
     notes = list(res.notes)
     if ctx.get("plan", {}).get("approximate"):
         notes.insert(0, LOBE_NOTE)
@@ -86,8 +92,14 @@ def comparer_agent(args: ComparerArgs, ctx: dict[str, Any]) -> dict[str, Any]:
             "Load one with --prior (CLI) or pick one in the study list."))
     current = cached_study(ctx["study"]["path"])
     prior = cached_study(ctx["prior"]["path"])
-    res = compare_studies(current, prior, CompareRequest(regions=list(args.regions), focus=args.focus,
-                                                         evidence_dir=Path(ctx["evidence_dir"])))
+    if current.primary.is_radiograph and prior.primary.is_radiograph:
+        from tools.radiograph import compare_radiographs
+
+        res = compare_radiographs(current, prior, regions=list(args.regions), focus=args.focus,
+                                  evidence_dir=Path(ctx["evidence_dir"]))
+    else:
+        res = compare_studies(current, prior, CompareRequest(regions=list(args.regions), focus=args.focus,
+                                                             evidence_dir=Path(ctx["evidence_dir"])))
     return _out("comparer", summary=res.summary, findings=_dump(res.findings), evidence=_dump(res.evidence),
                 measured=list(res.measured), notes=list(res.notes), comparison=res.comparison)
 

@@ -13,6 +13,9 @@ from tools.schemas import level_for
 
 log = logging.getLogger(__name__)
 
+# Priors for answers the perturbation step cannot re-measure (to be calibrated on phantoms, issue 7):
+NEGATIVE_SUPPORT = 0.8  # "none found": bounded by the detector's sensitivity
+UNMEASURED_SUPPORT = 0.6  # findings that were not re-measured (radiographs, pixel units)
 MAX_REMEASURED = 6  # findings re-measured per answer (largest first): keeps the verifier's cost bounded
 
 
@@ -37,7 +40,15 @@ def verify_turn(question: str, plan: dict[str, Any], results: list[dict[str, Any
             per_finding[f["id"]] = round(verifier.finding_score(r, f.get("diameter_mm")), 3)
             measurements[f["id"]] = {"n": r.n, "found": r.found, "mean_mm": round(r.mean_mm, 2),
                                      "spread_mm": round(r.spread_mm, 2)}
-    score = verifier.combine(para, per_finding, None)
+    lesion_search = any(r["tool"] in ("detector", "comparer") and r["status"] == "done" for r in results)
+    all_lesions = [f for f in merge_findings(results) if f.get("kind") in ("nodule", "mass", "opacity")]
+    negative_support = None
+    if lesion_search and not all_lesions:
+        # a "none found" answer is only as good as the detector's sensitivity: never rated as certain
+        negative_support = NEGATIVE_SUPPORT
+    elif all_lesions and not per_finding:
+        negative_support = UNMEASURED_SUPPORT  # findings in pixels / on films are not re-measured yet
+    score = verifier.combine(para, per_finding, negative_support)
     if errors:
         score *= 0.5
     caveat = ""

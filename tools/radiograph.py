@@ -22,12 +22,15 @@ inverted by :mod:`tools.dicom_io`, so bone and soft tissue are bright and the lu
    the left heart border) / the largest distance on one row between the fields' lateral borders.
 4. *Costophrenic angles*: the infero-lateral corner of each field; the angle between lines fitted
    to the lateral border above it and to the diaphragm contour medial to it (sharp < ``CP_BLUNT_DEG``).
-5. *Rounded opacities*: multi-scale scale-normalised LoG blobs (bright) on the working image inside
-   the (slightly dilated) fields, with a Hessian blob test (both curvatures negative, ratio), a ring
-   test (the blob must be brighter than its surroundings in every direction, which rejects rib
-   crossings and vessels: they continue as bright bands), contrast against the local lung texture;
-   each kept candidate is segmented at half maximum in its ROI and measured (long/short axis, mean
-   diameter: mm when the pixel spacing is known, else pixels).
+5. *Rounded opacities*: a rotating line-opening top-hat (the working image minus its largest grey
+   opening by a 35 mm line over 12 orientations; 90 mm for masses) keeps what is shorter than the
+   line in every direction (blobs) and flattens ribs, vessels and edges; scale-normalised LoG peaks
+   of that residual inside the (slightly dilated) fields are candidates. Each is segmented (30 % of
+   its contrast on the residual, re-measured at half maximum on the film when that agrees, both
+   corrected for a projected sphere's profile) and scored: contrast in RMS units of the residual
+   in the lungs, a ring test on the film (darker than the core all around: not a rib crossing or
+   a vessel), elongation and solidity, size, and position (rib ends crowd the lateral border).
+   Long/short axis and their mean are reported in mm when the pixel spacing is known, else pixels.
 
 ``run_radiograph_detector(study, req)`` answers the same requests as the CT detector;
 ``compare_radiographs(current, prior)`` registers the prior to the current film (SimpleITK 2-D,
@@ -454,14 +457,6 @@ def _trachea_box(sm: np.ndarray, fields: np.ndarray, mid: int) -> list[int] | No
 # rounded opacities
 
 
-def _hessian(img: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    s2 = sigma * sigma
-    hrr = ndi.gaussian_filter(img, sigma, order=(2, 0)) * s2
-    hcc = ndi.gaussian_filter(img, sigma, order=(0, 2)) * s2
-    hrc = ndi.gaussian_filter(img, sigma, order=(1, 1)) * s2
-    return hrr, hcc, hrc
-
-
 def _ring_profile(img: np.ndarray, r: float, c: float, radius: float, n: int = 24) -> np.ndarray:
     ang = np.linspace(0, 2 * np.pi, n, endpoint=False)
     rr = r + radius * np.sin(ang)
@@ -471,7 +466,8 @@ def _ring_profile(img: np.ndarray, r: float, c: float, radius: float, n: int = 2
 
 def _measure_blob(img: np.ndarray, r: float, c: float, radius: float, allowed: np.ndarray | None,
                   level: float = 0.5) -> dict[str, Any] | None:
-    """Threshold (``level`` of the core's contrast: 0.5 = half maximum) segmentation of the bright blob at (r, c) (working pixels) in an ROI."""
+    """Threshold (``level`` of the core's contrast: 0.5 = half maximum) segmentation of the bright blob
+    at (r, c) (working pixels) in an ROI."""
     h, w = img.shape
     half = int(math.ceil(4.0 * radius + 6))
     r0, r1 = max(0, int(r) - half), min(h, int(r) + half + 1)
@@ -771,6 +767,10 @@ def _analyze(series: Series) -> RadiographAnalysis:
         px_per_mm = work.shape[1] / 400.0
     ctr = None
     ctr_geo: dict[str, Any] = {}
+    if "ctr" in geo and not 0.25 <= float(geo["ctr"]) <= 0.8:
+        notes.append(f"the cardiothoracic ratio measured {float(geo['ctr']):.2f}, outside the plausible range: the "
+                     "heart borders were not traced reliably, so it is not reported")
+        geo.pop("ctr")
     if "ctr" in geo:
         ctr = float(geo["ctr"])
         hwid = geo["heart"]["width"] * f
@@ -860,7 +860,8 @@ def _opacity_finding(series: Series, c: dict[str, Any], n: int, f: int, spacing:
         id=fid or f"F{n}", kind=kind, label=label, region=region, side=side, zone=zone,  # type: ignore[arg-type]
         center_mm=center_mm, bbox_mm=bbox_mm, bbox_px=[round(v, 1) for v in box],
         diameter_mm=round(d, 1), long_axis_mm=round(lo, 1), short_axis_mm=round(sh, 1),
-        series_uid=series.series_uid, slice_index=0, confidence=round(float(c["conf"]), 3), units=units,  # type: ignore[arg-type]
+        series_uid=series.series_uid, slice_index=0, confidence=round(float(c["conf"]), 3),
+        units=units,  # type: ignore[arg-type]
         notes=[f"centre (col, row) = ({col:.0f}, {row:.0f}) px"] + ([] if spacing else ["size in pixels"]))
 
 
@@ -1046,7 +1047,8 @@ def run_radiograph_detector(study: Study, req: Any, box_px: list[float] | None =
         bpx = _box_to_px(series, list(box))
         ov = _box_overlap_px(an, bpx)
         parts = [f"{n} ({100 * fb:.0f}% of the box)" for n, fb in ov if fb >= 0.01]
-        lines.append("The box covers " + (", ".join(parts) if parts else "no lung field or mediastinal structure") + ".")
+        covered = ", ".join(parts) if parts else "no lung field or mediastinal structure"
+        lines.append(f"The box covers {covered}.")
         inside = [o for o in lesions_k if bpx[0] <= _center_px(o)[0] <= bpx[2] and bpx[1] <= _center_px(o)[1] <= bpx[3]]
         if inside:
             lines.append("Inside it: " + "; ".join(_lesion_sentence(o) for o in inside) + ".")
@@ -1219,7 +1221,7 @@ def render_radiograph_evidence(series: Series, an: RadiographAnalysis, findings:
     _save_png(ov, p)
     units = "pixels (no pixel spacing)" if an.spacing_mm is None else "mm"
     ev.append(Evidence(kind="image", path=str(p), role="overview", finding_ids=[x.id for x in findings],
-                       caption=(f"PA film: lung fields (red: right, blue: left) with zones, cardiothoracic ratio lines, "
+                       caption=("PA film: lung fields (red: right, blue: left) with zones, cardiothoracic ratio lines, "
                                 f"costophrenic points and findings; measurements in {units}")))
     from PIL import Image, ImageDraw
 
