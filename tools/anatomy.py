@@ -261,7 +261,24 @@ def _close_slices(mask: np.ndarray, radius_mm: float, spacing: tuple[float, floa
         p = np.pad(mask[k, j0:j1, i0:i1], pad)
         dil = ndi.distance_transform_edt(~p, sampling=(dj, di)) <= radius_mm
         clo = ndi.distance_transform_edt(dil, sampling=(dj, di)) > radius_mm
+        # a closing never leaves the mask's bounding box (it only fills concavities)
         out[k, j0:j1, i0:i1] = clo[pad:-pad, pad:-pad] | mask[k, j0:j1, i0:i1]
+    return out
+
+
+def _close3d(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
+    """3-D closing with a ball via two distance transforms on the mask's padded box."""
+    bb = _bbox(mask)
+    if bb is None:
+        return mask.copy()
+    di, dj, dk = spacing
+    pk, pj, pi = (int(np.ceil(radius_mm / s)) + 2 for s in (dk, dj, di))
+    sub = np.pad(mask[bb[2]:bb[5] + 1, bb[1]:bb[4] + 1, bb[0]:bb[3] + 1], ((pk, pk), (pj, pj), (pi, pi)))
+    sp = (dk, dj, di)
+    dil = ndi.distance_transform_edt(~sub, sampling=sp) <= radius_mm
+    clo = ndi.distance_transform_edt(dil, sampling=sp) > radius_mm
+    out = mask.copy()
+    out[bb[2]:bb[5] + 1, bb[1]:bb[4] + 1, bb[0]:bb[3] + 1] |= clo[pk:-pk, pj:-pj, pi:-pi]
     return out
 
 
@@ -1020,13 +1037,14 @@ def segment_anatomy(series: Series) -> Anatomy:
 
     # closed lungs for the detector: a rolling ball brings juxtapleural nodules in; what it adds next
     # to the mediastinum (hilar vessels, the heart's notch) stays out
-    closed = (_fill_slices(_close_slices(right, 15.0, grid.spacing), max_px)
-              | _fill_slices(_close_slices(left, 15.0, grid.spacing), max_px)) & body
+    closed = (_fill_slices(_close_slices(right, 15.0, grid.spacing) | _close3d(right, 15.0, grid.spacing), max_px)
+              | _fill_slices(_close_slices(left, 15.0, grid.spacing) | _close3d(left, 15.0, grid.spacing),
+                             max_px)) & body
     added = closed & ~lungs
     # (the paravertebral gutters behind the vertebral bodies' front are costal pleura: kept)
     front = spine_info["front"] if np.isfinite(spine_info["front"]).all() else np.full(work.shape[0], np.inf)
     hilar = med & (yb < front[:, None, None])
-    near_med = _dilate_mm(hilar | aorta | main_airway, 8.0, grid.spacing) | _dilate_mm(heart, 3.0, grid.spacing)
+    near_med = _dilate_mm(hilar | main_airway, 8.0, grid.spacing) | _dilate_mm(heart | aorta, 3.0, grid.spacing)
     closed = lungs | (added & ~near_med)
 
     # --- labels

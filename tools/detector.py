@@ -53,7 +53,7 @@ SIGMAS_MM: tuple[float, ...] = (1.2, 1.6, 2.15, 2.9, 3.9, 5.2, 7.0, 9.4, 12.6)
 SIGMA_TO_RADIUS = 1.0 / 0.6  # sphere radius whose normalised Hessian peaks at sigma
 DOT_THRESHOLD = 28.0  # normalised dot response (HU): ~0.31 x contrast at the matched scale
 MAX_CANDIDATES = 400
-MIN_DIAMETER_MM = 3.5
+MIN_DIAMETER_MM = 4.0
 MIN_CONFIDENCE = 0.5
 MASS_MM = 30.0
 
@@ -328,7 +328,7 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
     # core: robust peak near the centre
     inner = dist2 <= max(0.5 * r, 1.2 * max(di, dj)) ** 2
     smc = np.minimum(sm, 150.0)  # a rib next to a juxtapleural nodule must not set its core
-    core = float(np.percentile(smc[inner], 80)) if inner.any() else float(smc[tuple(ci)])
+    core = float(np.percentile(smc[inner], 60)) if inner.any() else float(smc[tuple(ci)])
     # the lung side of the pleura: local air closed with a rolling ball wider than the blob
     air = sm < -400.0
     if air.sum() < 0.05 * air.size:
@@ -347,52 +347,87 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
     if bg_vals.size < 20:
         bg_vals = sm[air]
     bg = float(np.median(bg_vals)) if bg_vals.size else (paren_hint if paren_hint is not None else -850.0)
+    # local noise of the parenchyma at the blob's scale (robust spread of the lightly smoothed HU)
+    noise = float(1.4826 * np.median(np.abs(bg_vals - bg))) if bg_vals.size >= 20 else 30.0
     contrast = core - bg
     if contrast < 80.0:
         return None
-    thr = bg + 0.5 * contrast
-    obj = (sm > thr) & lung
-    lab, n = ndi.label(obj)
-    if n == 0:
-        return None
-    cid = int(lab[tuple(ci)])
-    if cid == 0:
-        near = dist2 <= (0.6 * r + max(di, dj)) ** 2
-        ids = lab[near & (lab > 0)]
-        if ids.size == 0:
+    def grow_from(thr: float, ci: np.ndarray, dist2: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, float] | None:
+        """Threshold, centre component, vessel detachment: (obj, final, raw voxels, kept fraction)."""
+        obj = (sm > thr) & lung
+        lab, n = ndi.label(obj)
+        if n == 0:
             return None
-        cid = int(np.bincount(ids).argmax())
-    obj = lab == cid
-    raw_n = int(obj.sum())
-    # vessel detachment: an opening scaled to the blob's own thickness (its largest inscribed
-    # sphere near the candidate, from the distance transform) cuts vessels thinner than ~2/3 of it;
-    # the centre component is then given back what the opening shaved off the nodule itself
-    final = obj
-    opened_frac = 1.0
-    # (the chest wall counts as solid here, so a nodule cut flat by the pleura keeps its own size)
-    edt = ndi.distance_transform_edt(obj | ~lung, sampling=sp_kji)
-    search = obj & (dist2 <= (r + 3.0) ** 2)
-    if search.any():
-        r_in = float(edt[search].max())
-        ro = 0.65 * r_in
-        if ro >= 1.05 * max(di, dj):
-            er = (edt > ro) & obj
-            lab2, n2 = ndi.label(er)
-            if n2:
-                pk = np.unravel_index(int(np.argmax(np.where(search, edt, -1.0))), edt.shape)
-                cid2 = int(lab2[pk])
-                if cid2 == 0:
-                    ids = lab2[search & (lab2 > 0)]
-                    cid2 = int(np.bincount(ids).argmax()) if ids.size else 0
-                if cid2:
-                    core_er = lab2 == cid2
-                    grow = ndi.distance_transform_edt(~core_er, sampling=sp_kji) <= ro + 0.75 * max(di, dj)
-                    final = obj & grow
-                    opened_frac = float(final.sum()) / max(raw_n, 1)
-    lab3, n3 = ndi.label(final)
-    if n3 > 1:
-        cid3 = int(lab3[tuple(ci)]) or int(np.bincount(lab3[lab3 > 0]).argmax())
-        final = lab3 == cid3
+        cid = int(lab[tuple(ci)])
+        if cid == 0:
+            near = dist2 <= (0.6 * r + max(di, dj)) ** 2
+            ids = lab[near & (lab > 0)]
+            if ids.size == 0:
+                return None
+            cid = int(np.bincount(ids).argmax())
+        obj = lab == cid
+        raw_n = int(obj.sum())
+        # vessel detachment: an opening scaled to the blob's own thickness (its largest inscribed
+        # sphere near the candidate, from the distance transform) cuts vessels thinner than ~2/3 of
+        # it; the centre component is then given back what the opening shaved off the nodule itself
+        # (the chest wall counts as solid here, so a nodule cut flat by the pleura keeps its size)
+        final = obj
+        opened_frac = 1.0
+        edt_obj = ndi.distance_transform_edt(obj, sampling=sp_kji)
+        edt = ndi.distance_transform_edt(obj | ~lung, sampling=sp_kji)
+        search = obj & (dist2 <= (r + 3.0) ** 2)
+        if search.any():
+            r_in = float(edt_obj[search].max())
+            ro = 0.65 * r_in
+            if ro >= 1.05 * max(di, dj):
+                er = (edt > ro) & obj
+                lab2, n2 = ndi.label(er)
+                if n2:
+                    pk = np.unravel_index(int(np.argmax(np.where(search, edt, -1.0))), edt.shape)
+                    cid2 = int(lab2[pk])
+                    if cid2 == 0:
+                        ids = lab2[search & (lab2 > 0)]
+                        cid2 = int(np.bincount(ids).argmax()) if ids.size else 0
+                    if cid2:
+                        core_er = lab2 == cid2
+                        grow = ndi.distance_transform_edt(~core_er, sampling=sp_kji) <= ro + 0.75 * max(di, dj)
+                        final = obj & grow
+                        opened_frac = float(final.sum()) / max(raw_n, 1)
+        lab3, n3 = ndi.label(final)
+        if n3 > 1:
+            cid3 = int(lab3[tuple(ci)]) or int(np.bincount(lab3[lab3 > 0]).argmax())
+            final = lab3 == cid3
+        return obj, final, raw_n, opened_frac
+
+    thr = bg + 0.5 * contrast
+    res = grow_from(thr, ci, dist2)
+    if res is None:
+        return None
+    # second pass: the core measured inside the segmented blob itself (the candidate's centre may
+    # sit off the nodule, e.g. on a juxtapleural one), then the half-maximum threshold again
+    fin0 = res[1]
+    core_first = core
+    if fin0.sum() >= 3:
+        core2 = float(np.percentile(smc[fin0], 75))
+        if abs(core2 - core) > 0.1 * contrast and core2 - bg >= 80.0:
+            core = core2
+            contrast = core - bg
+            thr = bg + 0.5 * contrast
+            # re-seed at the blob's own centre
+            fk_, fj_, fi_ = np.nonzero(fin0)
+            cc = np.array([fk_.mean(), fj_.mean(), fi_.mean()])
+            m = int(np.argmin((fk_ - cc[0]) ** 2 + (fj_ - cc[1]) ** 2 + (fi_ - cc[2]) ** 2))
+            ci2 = np.array([fk_[m], fj_[m], fi_[m]])
+            d2b = ((K - ci2[0]) * dk) ** 2 + ((J - ci2[1]) * dj) ** 2 + ((I_ - ci2[2]) * di) ** 2
+            res2 = grow_from(thr, ci2, d2b)
+            if res2 is not None and res2[1].sum() >= 0.4 * fin0.sum():
+                res = res2
+                ci, dist2 = ci2, d2b
+            else:
+                contrast = core_first - bg
+                core = core_first
+                thr = bg + 0.5 * contrast
+    obj, final, raw_n, opened_frac = res
     nvox = int(final.sum())
     if nvox == 0:
         return None
@@ -473,7 +508,7 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
                 mean_d = 0.5 * (long_ + short)
                 volume = max(volume, np.pi / 6.0 * d_fit ** 3)
     return {
-        "wall_frac": wall_frac, "shell_ratio": shell_ratio, "n_branch": n_branch, "juxtapleural": juxta,
+        "z_extent_mm": float((kk.max() - kk.min() + 1) * dk), "voxel_mm3": vox, "noise": noise, "wall_frac": wall_frac, "shell_ratio": shell_ratio, "n_branch": n_branch, "juxtapleural": juxta,
         "center_ijk": center_ijk_out, "bbox_vox": box, "nvox": nvox, "volume": volume, "eq_d": eq_d,
         "long": long_, "short": short, "mean_d": mean_d, "slice_index": kbest + sk.start,
         "elong": elong, "border_frac": border_frac, "opened_frac": opened_frac, "core": core, "bg": bg,
@@ -506,17 +541,34 @@ def _confidence(seg: dict[str, Any], cand: dict[str, Any]) -> float:
     blob = cand.get("blob", 0.8)
     s = 1.0
     if seg.get("juxtapleural"):
-        s *= _ramp(seg["elong"], 3.0, 2.7)
-        s *= _ramp(blob, 0.5, 0.6)
-        s *= _ramp(rn, 0.05, 0.065)
-        s *= _ramp(seg["shell_ratio"], 0.45, 0.3)
+        # the visible cap of a nodule on the pleura: flat on one side (elongated), but whole, not
+        # fed by vessels, and dense; the hilum's vessel stumps are none of these
+        s *= _ramp(seg["elong"], 3.6, 3.2)
+        s *= _ramp(seg["nvox"] * seg.get("voxel_mm3", 1.0), 20.0, 30.0)  # a visible cap, not a speck
+        s *= _ramp(seg.get("z_extent_mm", 99.0), 3.0, 4.0)  # on more than one thin slice
+        s *= _ramp(blob, 0.55, 0.62)
+        s *= _ramp(rn, 0.035, 0.045)
+        s *= _ramp(seg["shell_ratio"], 0.4, 0.3)
+        s *= _ramp(seg["opened_frac"], 0.7, 0.8)
+        s *= _ramp(seg["contrast"], 400.0, 500.0)
     else:
-        s *= _ramp(seg["elong"], 2.1, 1.7)
+        el = seg["elong"]
+        s *= _ramp(el, 2.1, 1.7)
         s *= _ramp(blob, 0.55, 0.65)
         s *= _ramp(rn, 0.09, 0.11)
-        s *= _ramp(seg["shell_ratio"], 0.6, 0.45)
-        s *= _ramp(seg["opened_frac"], 0.4, 0.5)
+        # a compact blob may carry more vessel (juxtavascular); an elongated one may not
+        compact = _ramp(el, 1.6, 1.4)
+        sh_lim = 0.45 + 0.35 * compact
+        s *= _ramp(seg["shell_ratio"], sh_lim + 0.15, sh_lim)
+        op_lim = 0.5 - 0.2 * compact
+        s *= _ramp(seg["opened_frac"], op_lim - 0.1, op_lim)
+        s *= _ramp(float(seg.get("n_branch", 0)), 6.0, 4.0)
     s *= _ramp(seg["contrast"], 100.0, 150.0)
+    # small blobs must stand well out of the noise (low-dose scans make many); pure ground-glass
+    # under 6 mm is not actionable (Lung-RADS 2) and is not worth a false alarm
+    if seg["mean_d"] < 6.0:
+        s *= _ramp(seg["contrast"], 300.0, 400.0)
+        s *= _ramp(seg["contrast"] / max(seg.get("noise", 30.0), 1.0), 8.0, 12.0)
     s *= _ramp(seg["mean_d"], 2.5, 3.5)
     s *= _ramp(seg["border_frac"], 0.1, 0.0)
     return float(np.clip(s, 0.0, 1.0))
@@ -547,6 +599,11 @@ def _to_finding(series: Series, anat: Anatomy | None, seg: dict[str, Any], conf:
     d = seg["mean_d"]
     kind = "mass" if d >= MASS_MM else "nodule"
     notes: list[str] = []
+    if seg.get("juxtapleural"):
+        notes.append("juxtapleural: it touches the pleura; its size comes from a sphere fitted to its free "
+                     "(lung-facing) surface")
+    if seg.get("opened_frac", 1.0) < 0.85:
+        notes.append("juxtavascular: attached vessels were cut off before measuring")
     return Finding(
         id=fid, kind=kind, label=f"{seg['attenuation']} {kind}", region=region, side=side, zone=zone,  # type: ignore[arg-type]
         center_mm=[round(float(v), 2) for v in center_mm], bbox_mm=series.box_vox_to_mm(seg["bbox_vox"]),
@@ -584,16 +641,20 @@ def _analyze(series: Series) -> SeriesAnalysis:
     scored: list[dict[str, Any]] = []
     g = anat.grid
     closed = anat.masks["lungs_closed"]
-    for c in cands:
-        r = c["radius"]
+    def seg_at(ijk: np.ndarray, r: float) -> dict[str, Any] | None:
         half = max(3.0 * r + 6.0, 14.0)
-        sk, sj, si = _roi_bounds(series, c["ijk"], half)
+        sk, sj, si = _roi_bounds(series, ijk, half)
         lung_roi = g.roi_from_full(closed, sk.start, sk.stop, sj.start, sj.stop, si.start, si.stop)
-        seg = _segment(series, c["ijk"], r, paren, lung_roi, half)
-        if seg is None or seg["mean_d"] < MIN_DIAMETER_MM * 0.8:
+        return _segment(series, ijk, r, paren, lung_roi, half)
+
+    for c in cands:
+        best: tuple[float, dict[str, Any]] | None = None
+        seg = seg_at(c["ijk"], c["radius"])
+        if seg is not None:
+            best = (_confidence(seg, c), seg)
+        if best is None or best[1]["mean_d"] < MIN_DIAMETER_MM * 0.8:
             continue
-        conf = _confidence(seg, c)
-        scored.append({"cand": c, "seg": seg, "conf": conf})
+        scored.append({"cand": c, "seg": best[1], "conf": best[0]})
     # merge duplicates: a candidate whose centre lies inside a stronger one's box
     scored.sort(key=lambda s: -s["conf"])
     kept: list[dict[str, Any]] = []

@@ -126,6 +126,25 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from tools.dicom_io import load_study
+    from tools.report_writer import ReportRequest, write_report
+
+    current = load_study(a.study)
+    prior = load_study(a.prior) if a.prior else None
+    res = write_report(current, prior, ReportRequest(out_dir=Path(a.out), formats=("md", "txt", "sr", "seg")))
+    for note in res.notes:
+        sys.stderr.write(f"radassist: {note}\n")
+    if a.json:
+        out = {"report": res.report.model_dump(mode="json"), "files": res.report.files,
+               "findings": [f.model_dump(mode="json") for f in res.findings], "notes": res.notes}
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        for path in res.report.files.values():
+            sys.stdout.write(f"{path}\n")
+    return 0
+
+
 def quiet_third_party() -> None:
     """pydicom's validation warnings can quote header values (names, ids): keep them out of logs."""
     import warnings
@@ -177,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("doctor", help="show which model each role uses and why (probes configured servers)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_doctor)
+
+    s = sub.add_parser("report", help="write the structured report (Markdown, text, DICOM SR and SEG)")
+    s.add_argument("--study", required=True, help="current chest CT: DICOM folder, zip or files")
+    s.add_argument("--prior", help="prior study to compare with (default: none)")
+    s.add_argument("--out", required=True, help="folder for report.md, report.txt, report.sr.dcm, report.seg.dcm")
+    s.add_argument("--json", action="store_true", help="print the report, its files and findings as one JSON object")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("bench", help="run the phantom benchmark and print a table")
     s.add_argument("--seeds", type=int, nargs="*", default=[1000, 1001, 1002, 1003])
