@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch 2.13.0 is the CPU build these machines hold; a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[test]"
+	# the ISLP package only for its BrainCancer.csv cohort (read as data, never imported): no dependencies
+	$(BIN)/python -m pip install -q --no-deps "islp==0.6.0"
 	touch $(STAMP)
 
 install: $(STAMP)

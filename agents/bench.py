@@ -154,7 +154,7 @@ def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-ou
     out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []
     results: dict[str, Any] = {}
-    want = set(only or ["detector", "comparer", "routing", "turn"])
+    want = set(only or ["detector", "comparer", "routing", "turn", "prognosis"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "routing" in want:
@@ -162,6 +162,30 @@ def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-ou
             results["routing"] = r
             rows += [("routing", "tool-choice accuracy (held-out phrasings)", f"{r['accuracy']:.3f} (n={r['n']})"),
                      ("routing", "latency per question", f"{r['per_question_ms']:.0f} ms")]
+        if "prognosis" in want:
+            from tools.prognosis import cross_validate, list_models
+
+            for card in list_models():
+                name = card.get("name") or card.get("cohort")
+                if not name or card.get("available") is False:
+                    continue
+                try:
+                    cv = cross_validate(name)
+                except Exception as exc:  # noqa: BLE001 - an unavailable cohort is a row, not a crash
+                    rows.append(("prognosis", f"{name}", f"not available: {exc}"))
+                    continue
+                results.setdefault("prognosis", {})[name] = cv
+                v = cv["variants"][0]
+                cox = v["models"].get("cox", {})
+                other = {k: m for k, m in v["models"].items() if k != "cox"}
+                txt = f"Cox {cox.get('c_index', float('nan')):.3f} {cox.get('c_index_ci95')}"
+                for k, m in other.items():
+                    txt += f"; {k} {m.get('c_index', float('nan')):.3f}"
+                cal = next((c for c in cox.get("calibration_12m", []) if c["risk_group"] == "higher"), None)
+                if cal:
+                    txt += f"; 12-mo calibration (higher-risk tertile) predicted {cal['predicted']:.2f} vs " \
+                           f"observed {cal['observed_km']:.2f}"
+                rows.append(("prognosis", f"5-fold CV C-index, {name} (N={v['n']})", txt))
         if "detector" in want:
             from tools.evaluate import evaluate_detector
 

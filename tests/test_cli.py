@@ -105,3 +105,29 @@ def test_phantom_command(tmp_path: Path, cli_home: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "p" / "truth.json").exists()
     assert any((tmp_path / "p" / "current").iterdir()) and any((tmp_path / "p" / "prior").iterdir())
+
+
+def test_prognosis_train_command(tmp_path: Path) -> None:
+    """`radassist prognosis train` fits, validates and registers a site model that `ask` then names."""
+    rng = np.random.default_rng(0)
+    n = 160
+    age = rng.uniform(40, 80, n)
+    kps = rng.choice([50, 60, 70, 80, 90, 100], n)
+    hazard = np.exp(0.04 * (age - 60) - 0.03 * (kps - 75))
+    t = rng.exponential(400 / hazard)
+    c = rng.uniform(100, 900, n)
+    lines = ["days,died,age,karnofsky"] + [f"{min(a, b):.0f},{int(a <= b)},{x:.0f},{k}"
+                                            for a, b, x, k in zip(t, c, age, kps)]
+    csv = tmp_path / "site.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    home = tmp_path / "home"
+    r = run(["prognosis", "train", str(csv), "--time", "days", "--event", "died", "--name", "site_lung",
+             "--cancer", "lung", "--json"], home)
+    assert r.returncode == 0, r.stderr
+    card = json.loads(r.stdout)
+    assert card["name"] == "site_lung" and n - 3 <= card["n"] <= n  # rows with zero follow-up are dropped
+    assert "site_lung" in json.dumps(card)
+    r = run(["prognosis", "models"], home)
+    assert "site_lung" in r.stdout
+    r = run(["prognosis", "train", str(csv), "--time", "nope", "--event", "died"], home)
+    assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr

@@ -105,13 +105,14 @@ def test_sections_present_and_correct(pair: dict[str, Any]) -> None:
     mgmt = [s for s in imp if s.text.startswith(f"Lung-RADS {overall} (")]
     assert len(mgmt) == 1 and "per guideline" in mgmt[0].text and ("LDCT" in mgmt[0].text or "CT" in mgmt[0].text)
     assert imp[-1].text.startswith("Guideline wording")
-    # growing / new first, then by size
+    # what matters first: the highest category; within it growing / new, then the largest
     first = [s for s in imp if s.finding_ids and len(s.finding_ids) == 1][0]
     f0 = next(f for f in res.findings if f.id == first.finding_ids[0])
-    changed = [f for f in lesions if f.change and f.change.status in ("grew", "new")]
-    if changed:
-        assert f0.change and f0.change.status in ("grew", "new")
-        assert f0.diameter_mm == max(f.diameter_mm or 0 for f in changed)
+    assert cats[f0.id] == overall
+    top = [f for f in lesions if cats[f.id] == overall]
+    changed = [f for f in top if f.change and f.change.status in ("grew", "new")]
+    pool = changed or top
+    assert f0 in pool and f0.diameter_mm == max(f.diameter_mm or 0 for f in pool)
     for s in imp:
         for fid in s.finding_ids:
             if s.text.startswith(("Growing", "New", "Stable", "Decreasing", "Solid", "Ground")):

@@ -208,13 +208,6 @@ def _ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
     return (k * dk) ** 2 + (j * dj) ** 2 + (i * di) ** 2 <= radius_mm ** 2 + 1e-6
 
 
-def _disk(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
-    di, dj, _ = spacing
-    rj, ri = (max(0, int(np.floor(radius_mm / s + 1e-6))) for s in (dj, di))
-    j, i = np.ogrid[-rj:rj + 1, -ri:ri + 1]
-    return (j * dj) ** 2 + (i * di) ** 2 <= radius_mm ** 2 + 1e-6
-
-
 def _sizes(lab: np.ndarray) -> np.ndarray:
     s = np.bincount(lab.ravel())
     s[0] = 0
@@ -1028,6 +1021,10 @@ def segment_anatomy(series: Series) -> Anatomy:
         z_up = grid.matrix[2, 2] > 0
         med_range = (int(hk.min()), k_hi) if z_up else (k_lo, int(hk.max()))
     med = _mediastinum(lungs, right, left, body, bone, xb, heart, med_range)
+    if np.isfinite(spine_info["front"]).all():
+        # the posterior mediastinum ends at the prevertebral fascia: the paravertebral gutters are
+        # not mediastinum (the descending aorta, which lies beside the vertebra, is added back below)
+        med &= yb < (spine_info["front"] - 8.0)[:, None, None]
     trachea_w = _to_grid(fine["trachea"], fgrid, grid) if fine and fgrid is not None else np.zeros_like(med)
     med |= heart | aorta | trachea_w
     in_lung_z = np.zeros(work.shape[0], dtype=bool)

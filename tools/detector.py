@@ -13,16 +13,20 @@ finds lung nodules and masses:
    threshold, greedy non-maximum suppression across scales.
 3. *Segmentation* of each candidate at full resolution in a small ROI: local parenchyma and core HU,
    threshold half-way between them (half-maximum: unbiased borders under blur and partial volume),
-   the lung side of the pleura only (a local rolling-ball closing of the air), vessel detachment by
-   an opening scaled to the candidate (then a limited reconstruction), connected component at the
-   centre.
+   the lung side of the pleura only (a local rolling-ball closing of the air), no bone, vessel
+   detachment by an opening scaled to the blob's own largest inscribed sphere (distance transform;
+   the chest wall counts as solid so a juxtapleural nodule is not eroded from its flat side), then
+   a second pass with the core re-measured inside the blob.
 4. *Measurement*: long and short axial diameters on the slice of largest area (long = maximal
-   Feret diameter, short = widest extent perpendicular to it, both on the half-maximum contour with
-   sub-voxel interpolation), their mean (Lung-RADS), partial-volume-weighted volume, mean/core HU,
-   attenuation (solid / part-solid / ground-glass).
-5. *False-positive reduction*: shape (elongation from the 3-D inertia tensor, compactness),
-   extension beyond the ROI (vessels and chest wall run on), blobness of the Hessian, contrast, and
-   a confidence in 0-1; only candidates above ``MIN_CONFIDENCE`` are reported.
+   Feret diameter, short = widest extent perpendicular to it, area-corrected), their mean
+   (Lung-RADS), partial-volume-weighted volume, mean/core HU, attenuation (solid / part-solid /
+   ground-glass). A juxtapleural nodule (broad contact with the wall) is sized by a sphere fitted
+   to its free, lung-facing surface (the part in the pleura is not visible).
+5. *False-positive reduction*: a confidence in 0-1 from soft ramps on compactness (3-D inertia
+   elongation), Hessian blobness, filter response per HU of contrast, vessel burden (structure
+   leaving a shell around the blob), what the opening kept, contrast and signal-to-noise for small
+   blobs; juxtapleural caps have their own limits (flat but whole, not fed by vessels, dense, on more
+   than one slice). Only candidates above ``MIN_CONFIDENCE`` are reported.
 
 ``run_detector(study, request)`` answers text-to-region (lesions in named regions), anatomy and
 region-to-text (what lies in a box) requests, with evidence images. ``measure_at`` re-segments the
@@ -91,13 +95,6 @@ class DetectResult:
 
 # ----------------------------------------------------------------------------------------------
 # small numeric helpers
-
-
-def _ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
-    di, dj, dk = spacing
-    rk, rj, ri = (max(0, int(np.floor(radius_mm / s + 1e-6))) for s in (dk, dj, di))
-    k, j, i = np.ogrid[-rk:rk + 1, -rj:rj + 1, -ri:ri + 1]
-    return (k * dk) ** 2 + (j * dj) ** 2 + (i * di) ** 2 <= radius_mm ** 2 + 1e-6
 
 
 def _disk(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
@@ -309,8 +306,9 @@ def _axial_diameters(sl_mask: np.ndarray, weights: np.ndarray, di: float, dj: fl
 def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hint: float | None,
              lung_closed_full: np.ndarray | None = None, roi_half_mm: float | None = None,
              ) -> dict[str, Any] | None:
-    """Segment the blob near ``center_ijk`` (continuous i, j, k) and measure it. ``lung_closed_full``
-    is an optional callable-free mask sampler result: the coarse closed lung on the ROI."""
+    """Segment the blob near ``center_ijk`` (continuous i, j, k; radius estimate ``radius_mm``) in an
+    ROI and measure it. ``lung_closed_full``: the anatomy's closed lung mask resampled onto the ROI
+    (optional; it keeps the segmentation on the lung side of the pleura). None when nothing fits."""
     di, dj, dk = (float(s) for s in series.spacing)
     sp_kji = (dk, dj, di)
     r = float(np.clip(radius_mm, 1.5, 35.0))
@@ -329,6 +327,9 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
     inner = dist2 <= max(0.5 * r, 1.2 * max(di, dj)) ** 2
     smc = np.minimum(sm, 150.0)  # a rib next to a juxtapleural nodule must not set its core
     core = float(np.percentile(smc[inner], 60)) if inner.any() else float(smc[tuple(ci)])
+    # bone (a rib or vertebra the rolling ball brought in) is never part of a nodule; calcified
+    # nodules are the price (they are benign by pattern anyway)
+    bone = ndi.binary_dilation(sm > 300.0, iterations=1)
     # the lung side of the pleura: local air closed with a rolling ball wider than the blob
     air = sm < -400.0
     if air.sum() < 0.05 * air.size:
@@ -354,7 +355,7 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
         return None
     def grow_from(thr: float, ci: np.ndarray, dist2: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, float] | None:
         """Threshold, centre component, vessel detachment: (obj, final, raw voxels, kept fraction)."""
-        obj = (sm > thr) & lung
+        obj = (sm > thr) & lung & ~bone
         lab, n = ndi.label(obj)
         if n == 0:
             return None
@@ -923,10 +924,10 @@ def _evidence(series: Series, findings: list[Finding], anat: Anatomy, outdir: Pa
         except Exception as e:  # evidence must never break the answer
             log.warning("could not render %s: %s", f.id, e)
     if findings:
-        p = outdir / f"{uid}_overview.png"
+        tag = "-".join(f.id for f in findings[:6])
+        p = outdir / f"{uid}_overview_{tag}.png"
         try:
-            lm = None
-            ev.append(render_overview(series, findings, p, lung_mask=lm))
+            ev.append(render_overview(series, findings, p))
         except Exception as e:
             log.warning("could not render the overview: %s", e)
     return ev

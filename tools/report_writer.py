@@ -63,7 +63,11 @@ IMPRESSION_TOP = 3  # the few things that matter; the rest are named together
 
 
 def lung_rads(f: Finding) -> str:
-    """Simplified Lung-RADS v2022 category for one nodule (solid / ground-glass; new and growing)."""
+    """Simplified Lung-RADS v2022 category for one nodule (solid / ground-glass; new, growing, stable).
+
+    Part-solid nodules are treated as solid (no separate solid-component measurement yet). Stepped
+    management for nodules unchanged for 3 months or more: a category 3 nodule becomes 2, a 4A becomes 3;
+    4B stays 4B."""
     d = f.diameter_mm or 0.0
     status = f.change.status if f.change else None
     if f.attenuation == "ground-glass":
@@ -76,15 +80,10 @@ def lung_rads(f: Finding) -> str:
         return "4A" if d < 8 else "4B"
     if status == "grew":
         return "4A" if d < 8 else "4B"
-    if status == "stable" and f.change and (f.change.interval_days or 0) >= 90 and d < 8:
-        return "2"
-    if d < 6:
-        return "2"
-    if d < 8:
-        return "3"
-    if d < 15:
-        return "4A"
-    return "4B"
+    cat = "2" if d < 6 else "3" if d < 8 else "4A" if d < 15 else "4B"
+    if status == "stable" and f.change and (f.change.interval_days or 0) >= 90:
+        return {"3": "2", "4A": "3"}.get(cat, cat)
+    return cat
 
 
 @dataclass
@@ -117,7 +116,7 @@ PLACEHOLDERS = frozenset({
 })
 REQUIRED_SLOTS = (
     "comparison_prior", "comparison_none", "nodule_current", "nodule_new", "nodule_grew", "nodule_shrank",
-    "nodule_stable", "nodule_resolved", "lung_clear", "zones_clear", "airways_normal", "airways_partial",
+    "nodule_stable", "nodule_resolved", "nodule_faded", "lung_clear", "zones_clear", "airways_normal", "airways_partial",
     "airways_unseen", "heart_identified", "heart_unseen", "bones_identified", "bones_unseen", "imp_grew", "imp_new",
     "imp_shrank", "imp_stable", "imp_current", "imp_resolved", "imp_others", "imp_none", "imp_category",
 )
@@ -464,9 +463,20 @@ def _zone_rank(f: Finding) -> tuple[int, int, float]:
     return side, zone, -(f.diameter_mm or (f.change.prior_diameter_mm if f.change else 0) or 0)
 
 
+def _faded(f: Finding) -> bool:
+    """A prior nodule re-measured at its place below the detection threshold: a residual density, not a nodule
+    to grade."""
+    from tools.detector import MIN_DIAMETER_MM
+
+    return bool(f.change and f.change.status in ("shrank", "stable") and f.diameter_mm is not None
+                and f.diameter_mm < MIN_DIAMETER_MM)
+
+
 def _nodule_slot(f: Finding, has_prior: bool) -> str:
     if not has_prior or f.change is None:
         return "nodule_current"
+    if _faded(f):
+        return "nodule_faded"
     return {"new": "nodule_new", "grew": "nodule_grew", "shrank": "nodule_shrank", "stable": "nodule_stable",
             "resolved": "nodule_resolved"}[f.change.status]
 
@@ -478,10 +488,12 @@ def _imp_slot(f: Finding, has_prior: bool) -> str:
             "resolved": "imp_resolved"}[f.change.status]
 
 
-def _impression_rank(f: Finding) -> tuple[int, float]:
-    """Growing and new first, then by size (the largest first)."""
+def _impression_rank(f: Finding) -> tuple[int, int, int, float]:
+    """What matters first: the highest Lung-RADS category, within it growing and new before the rest, then
+    the largest; residual densities below the detection threshold last."""
     changed = 0 if (f.change and f.change.status in ("grew", "new")) else 1
-    return changed, -(f.diameter_mm or 0)
+    cat = _ORDER.index(lung_rads(f)) if f.diameter_mm is not None else 0
+    return int(_faded(f)), -cat, changed, -(f.diameter_mm or 0)
 
 
 def _draft(current: Study, prior: Study | None, series: Series, lesions: list[Finding], resolved: list[Finding],
@@ -555,9 +567,10 @@ def _draft(current: Study, prior: Study | None, series: Series, lesions: list[Fi
         dr.say("findings", "bones_unseen", "bones not located", {})
 
     # IMPRESSION
-    cats = {f.id: lung_rads(f) for f in lesions if f.diameter_mm is not None}
+    cats = {f.id: lung_rads(f) for f in lesions if f.diameter_mm is not None and not _faded(f)}
     ranked = sorted(lesions, key=_impression_rank)
-    top, rest = ranked[:IMPRESSION_TOP], ranked[IMPRESSION_TOP:]
+    graded = [f for f in ranked if not _faded(f)]
+    top, rest = graded[:IMPRESSION_TOP], graded[IMPRESSION_TOP:] + [f for f in ranked if _faded(f)]
     for f in top:
         dr.say("impression", _imp_slot(f, has_prior), _query(f), _finding_values(f, prior_date), [f.id])
     if rest:

@@ -106,6 +106,27 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prognosis_train(a: argparse.Namespace) -> int:
+    from tools.prognosis import train_cohort
+
+    card = train_cohort(a.csv, a.time, a.event, name=a.name, features=a.features, time_unit=a.time_unit,
+                        cancer=a.cancer)
+    if a.json:
+        sys.stdout.write(json.dumps(card, default=str) + "\n")
+    else:
+        sys.stdout.write(f"registered model '{card.get('name')}': N={card.get('n')}, events={card.get('events')}, "
+                         f"cross-validated C-index {json.dumps(card.get('cv_c_index', card.get('c_index')))}\n")
+    return 0
+
+
+def cmd_prognosis_models(a: argparse.Namespace) -> int:
+    from tools.prognosis import list_models
+
+    for card in list_models():
+        sys.stdout.write(json.dumps(card, default=str) + "\n")
+    return 0
+
+
 def cmd_doctor(a: argparse.Namespace) -> int:
     from models.registry import doctor_report
 
@@ -192,6 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pacs", help="DICOMweb root of a PACS, e.g. http://pacs:8042/dicom-web "
                                   "(default: $RADASSIST_PACS_URL)")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("prognosis", help="survival models: train on a site cohort, list model cards")
+    psub = s.add_subparsers(dest="pcmd", required=True)
+    t = psub.add_parser("train", help="fit, cross-validate and register a model on a cohort CSV")
+    t.add_argument("csv")
+    t.add_argument("--time", required=True, help="follow-up time column")
+    t.add_argument("--event", required=True, help="event column (1 = death/event, 0 = censored)")
+    t.add_argument("--name", help="model name (default: the file name)")
+    t.add_argument("--features", nargs="*", help="feature columns (default: all other columns)")
+    t.add_argument("--time-unit", default="days", choices=["days", "months", "years"])
+    t.add_argument("--cancer", help="lung | brain | other")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(fn=cmd_prognosis_train)
+    m = psub.add_parser("models", help="print every model card (JSON lines)")
+    m.set_defaults(fn=cmd_prognosis_models)
 
     s = sub.add_parser("doctor", help="show which model each role uses and why (probes configured servers)")
     s.add_argument("--json", action="store_true")
