@@ -33,8 +33,8 @@ $(TESTSTAMP): $(STAMP) $(LLAMA_WHEEL)
 # Servers the tests use (a real PACS and a real browser), from Debian's packages; tests/servers.py
 # installs them too when this target could not.
 sysdeps:
-	command -v Orthanc >/dev/null && test -x /usr/bin/chromium || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb chromium; } || true
+	command -v Orthanc >/dev/null && test -x /usr/bin/chromium && command -v dciodvfy >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb chromium dicom3tools; } || true
 
 demo: install
 	$(BIN)/radassist demo --host $(HOST) --port $(PORT)

@@ -78,7 +78,7 @@ REGION_ORDER: tuple[str, ...] = (
 
 TARGET_MM = 2.0  # working-grid voxel size (approximately)
 FINE_MM = 1.4  # fine central crop (airways, aorta)
-AIRWAY_WALL_MM = 2.0
+AIRWAY_WALL_MM = 3.0
 MAX_HOLE_CM2 = 25.0  # per-slice holes filled inside a lung (vessels, nodules, masses up to ~5 cm)
 
 
@@ -543,6 +543,15 @@ def _airways(fsm: np.ndarray, fgrid: Grid, seed_mm: np.ndarray, lumen: float, pa
         lum = trachea[k]
         out["right main bronchus"][k] |= lum & (x2[k] <= xc + r_b)
         out["left main bronchus"][k] |= lum & (x2[k] > xc - r_b)
+    # where the lumen widens into the bifurcation, the trachea keeps only its own round column
+    above = [order[p] for p in range(max(0, split_pos - n_up - 6), max(0, split_pos - n_up)) if trachea[order[p]].any()]
+    if above:
+        cen = np.array([ndi.center_of_mass(trachea[k]) for k in above]).mean(axis=0)
+        r_t = float(np.median([np.sqrt(trachea[k].sum() / np.pi) for k in above]))
+        J2, I2 = np.ogrid[:shape[1], :shape[2]]
+        col = ((J2 - cen[0]) * dj) ** 2 + ((I2 - cen[1]) * di) ** 2 <= ((r_t + 1.0) * max(di, dj)) ** 2
+        for p in range(max(0, split_pos - n_up), split_pos):
+            trachea[order[p]] &= col
     return out
 
 

@@ -137,10 +137,15 @@ def register(current: Series, prior: Series, base_mm: float = 2.0) -> Registrati
         tx = reg.Execute(fixed, moving)
         metric = reg.GetMetricValue()
         fa = sitk.GetArrayFromImage(fixed) - 1000.0
-        before = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)) - 1000.0
-        after = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0)) - 1000.0
+        # outside the prior's field of view the resampled image is set to soft tissue (not air, which would join
+        # the lungs to the outside) and the overlap is scored only where both studies have data
+        ones = sitk.Cast(moving * 0 + 1, sitk.sitkFloat32)
+        before = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 1000.0)) - 1000.0
+        after = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 1000.0)) - 1000.0
+        v0 = sitk.GetArrayFromImage(sitk.Resample(ones, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0)) > 0
+        v1 = sitk.GetArrayFromImage(sitk.Resample(ones, fixed, tx, sitk.sitkNearestNeighbor, 0.0)) > 0
         lf = _lung_mask(fa)
-        d0, d1 = _dice(lf, _lung_mask(before)), _dice(lf, _lung_mask(after))
+        d0, d1 = _dice(lf & v0, _lung_mask(before) & v0), _dice(lf & v1, _lung_mask(after) & v1)
         log.info("registration: metric %.4f, lung Dice %.3f -> %.3f", metric, d0, d1)
         return Registration(tx, float(metric), d0, d1, time.perf_counter() - t0)
 
@@ -163,6 +168,13 @@ def classify(d_now: float, d_prior: float) -> str:
     if delta < -GROWTH_MM:
         return "shrank"
     return "stable"
+
+
+MIN_REMEASURED_MM = 3.0  # a second-look re-measurement smaller than this is residual density, not the lesion
+
+
+def _is_lesion(m: Finding | None) -> bool:
+    return m is not None and m.center_mm is not None and (m.diameter_mm or 0.0) >= MIN_REMEASURED_MM
 
 
 def _in_regions(f: Finding, regions: list[str]) -> bool:
@@ -218,7 +230,7 @@ def compare_studies(current: Study, prior: Study, req: CompareRequest | None = N
             continue
         q = reg.current_to_prior(c.center_mm)
         m = measure_at(ps, q, pa)
-        if m is not None and m.center_mm and np.linalg.norm(np.array(m.center_mm) - np.array(q)) <= max(
+        if _is_lesion(m) and np.linalg.norm(np.array(m.center_mm) - np.array(q)) <= max(  # type: ignore[union-attr]
                 5.0, 0.5 * (c.diameter_mm or 0)):
             pairs.append((c, m))
         else:
@@ -229,7 +241,7 @@ def compare_studies(current: Study, prior: Study, req: CompareRequest | None = N
             continue
         q = mapped[j].tolist()
         m = measure_at(cs, q, ca)
-        if m is not None and m.center_mm and np.linalg.norm(np.array(m.center_mm) - np.array(q)) <= max(
+        if _is_lesion(m) and np.linalg.norm(np.array(m.center_mm) - np.array(q)) <= max(  # type: ignore[union-attr]
                 5.0, 0.5 * (p.diameter_mm or 0)):
             m.id = f"F{len(cur) + len(resolved) + 1}"
             m.notes.append("found on re-inspection at the position of a prior finding")
