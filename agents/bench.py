@@ -148,13 +148,98 @@ def comparer_accuracy(seeds: list[int], size: str, workdir: Path) -> dict[str, A
             "runtime_s": float(np.mean(times)) if times else float("nan")}
 
 
+def full_volume_cost(seed: int, workdir: Path) -> dict[str, Any]:
+    """Detector cost on a full-size CT (~512x512x300) as a ratio to decoding the series, with peak memory."""
+    from tools.cache import CACHE
+    from tools.detector import analyze_series
+    from tools.dicom_io import load_study
+    from tools.phantom import write_patient
+
+    pdir = workdir / f"full{seed}"
+    write_patient(pdir, seed=seed, size="full")
+    CACHE.clear()
+    t0 = time.perf_counter()
+    study = load_study(pdir / "current")
+    decode = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    a = analyze_series(study.primary)
+    analyse = time.perf_counter() - t1
+    return {"shape": list(study.primary.shape), "decode_s": decode, "analyse_s": analyse,
+            "ratio": analyse / decode if decode else float("nan"), "nodules": len(a.nodules),
+            "peak_rss_mb": _peak_mb()}
+
+
+def load_check(ns: list[int], size: str, workdir: Path, turns: int = 2) -> list[dict[str, Any]]:
+    """N simulated clinicians at once through gradio_client against a launched app (embedded default).
+
+    Each client opens its own conversation on the demo patient and asks ``turns`` region questions; the
+    app's queue bounds concurrency, so latency grows with N while errors should stay at zero.
+    """
+    import socket
+    import threading
+
+    from gradio_client import Client
+
+    from agents.engine import Consultant
+    from tools.phantom import write_patient
+    from ui.app import build_app
+
+    pdir = workdir / "load_patient"
+    write_patient(pdir, seed=4242, size=size)
+    c = Consultant(home_dir=workdir / "load_home")
+    recs = c.store.import_path(pdir / "current") + c.store.import_path(pdir / "prior")
+    uid = max(recs, key=lambda r: r.study_date or "").study_uid
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    demo = build_app(c)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    url = f"http://127.0.0.1:{port}/"
+    questions = ["is there a nodule in the right upper lobe?", "and the left one?", "where is the heart?"]
+    rows: list[dict[str, Any]] = []
+    try:
+        Client(url, download_files=False, verbose=False).predict("where is the heart?", uid, "", api_name="/ask")
+        for n in ns:
+            lat: list[float] = []
+            errors: list[str] = []
+            lock = threading.Lock()
+
+            def clinician(i: int) -> None:
+                cl = Client(url, download_files=False, verbose=False)
+                tid = ""
+                for t in range(turns):
+                    t0 = time.perf_counter()
+                    try:
+                        ans = cl.predict(questions[(i + t) % len(questions)], uid, tid, api_name="/ask")
+                        tid = ans["thread_id"]
+                        with lock:
+                            lat.append(time.perf_counter() - t0)
+                    except Exception as exc:  # noqa: BLE001 - counted, not raised
+                        with lock:
+                            errors.append(type(exc).__name__)
+
+            t_start = time.perf_counter()
+            threads = [threading.Thread(target=clinician, args=(i,)) for i in range(n)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(timeout=900)
+            rows.append({"n": n, "turns": n * turns, "errors": len(errors), "wall_s": time.perf_counter() - t_start,
+                         "p50_s": float(np.percentile(lat, 50)) if lat else float("nan"),
+                         "p95_s": float(np.percentile(lat, 95)) if lat else float("nan"),
+                         "rss_mb": _peak_mb()})
+    finally:
+        demo.close()
+    return rows
+
+
 def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-out",
               only: list[str] | None = None) -> str:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []
     results: dict[str, Any] = {}
-    want = set(only or ["detector", "comparer", "routing", "turn", "prognosis"])
+    want = set(only or ["detector", "comparer", "routing", "turn", "prognosis", "load", "scale"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "routing" in want:
@@ -212,6 +297,19 @@ def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-ou
                      ("turn", "warm follow-up", f"{t['warm_followup_s']:.2f} s"),
                      ("turn", "compare turn", f"{t['compare_s']:.1f} s"),
                      ("turn", "peak RSS", f"{t['peak_rss_mb']:.0f} MB")]
+        if "scale" in want:
+            fv = full_volume_cost(seeds[0], work)
+            results["scale"] = fv
+            rows += [("scale", f"detector on {'x'.join(map(str, fv['shape']))} (k,j,i)",
+                      f"decode {fv['decode_s']:.1f} s, analysis {fv['analyse_s']:.1f} s "
+                      f"({fv['ratio']:.1f}x decode), peak RSS {fv['peak_rss_mb']:.0f} MB")]
+        if "load" in want:
+            lrows = load_check([1, 2, 4], size, work)
+            results["load"] = lrows
+            for r in lrows:
+                rows.append(("load", f"{r['n']} concurrent clinicians ({r['turns']} turns)",
+                             f"errors {r['errors']}, p50 {r['p50_s']:.1f} s, p95 {r['p95_s']:.1f} s, "
+                             f"peak RSS {r['rss_mb']:.0f} MB"))
     (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
     w = max(len(r[1]) for r in rows) if rows else 10
     lines = [f"radassist bench — seeds {seeds}, size {size}", f"{'area':10} {'metric':{w}} value",
