@@ -170,6 +170,15 @@ def classify(d_now: float, d_prior: float) -> str:
     return "stable"
 
 
+NO_MATCH = 1e6
+
+
+def gated_assignment(cost: np.ndarray) -> list[tuple[int, int]]:
+    """Hungarian assignment on a cost matrix where NO_MATCH marks pairs outside the gate."""
+    rows, cols = linear_sum_assignment(cost)
+    return [(int(i), int(j)) for i, j in zip(rows, cols) if cost[i, j] < NO_MATCH]
+
+
 MIN_REMEASURED_MM = 3.0  # a second-look re-measurement smaller than this is residual density, not the lesion
 
 
@@ -211,19 +220,17 @@ def compare_studies(current: Study, prior: Study, req: CompareRequest | None = N
     used_c: set[int] = set()
     used_p: set[int] = set()
     if cur and pri:
-        cost = np.full((len(cur), len(pri)), 1e6)
+        cost = np.full((len(cur), len(pri)), NO_MATCH)
         for i, c in enumerate(cur):
             for j, p in enumerate(pri):
                 d = float(np.linalg.norm(np.array(c.center_mm) - mapped[j]))
                 gate = max(8.0, 0.75 * max(c.diameter_mm or 0, p.diameter_mm or 0))
                 if d <= gate:
                     cost[i, j] = d + 0.5 * abs((c.diameter_mm or 0) - (p.diameter_mm or 0))
-        rows, cols = linear_sum_assignment(cost)
-        for i, j in zip(rows, cols):
-            if cost[i, j] < 1e6:
-                pairs.append((cur[i], pri[j]))
-                used_c.add(i)
-                used_p.add(j)
+        for i, j in gated_assignment(cost):
+            pairs.append((cur[i], pri[j]))
+            used_c.add(i)
+            used_p.add(j)
     # second look: an unmatched finding re-measured at its mapped position in the other study
     for i, c in enumerate(cur):
         if i in used_c:

@@ -49,7 +49,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.optimize import linear_sum_assignment
 
 from tools import vocab
 from tools.cache import CACHE
@@ -1382,7 +1381,7 @@ def compare_radiographs(current_study: Study, prior_study: Study, regions: list[
     """Compare the current chest film with a prior one of the same patient: registration, matched rounded
     opacities with their change (grew / shrank / stable / new / resolved) and the change in the
     cardiothoracic ratio. Returns ``tools.comparer.CompareResult``."""
-    from tools.comparer import CompareResult, _focus
+    from tools.comparer import NO_MATCH, CompareResult, _focus, gated_assignment
 
     if current_study.patient_id != prior_study.patient_id:
         raise StudyError("These two films belong to different patients, so they cannot be compared. "
@@ -1423,7 +1422,7 @@ def compare_radiographs(current_study: Study, prior_study: Study, regions: list[
     used_c: set[int] = set()
     used_p: set[int] = set()
     if cur and pri:
-        cost = np.full((len(cur), len(pri)), 1e6)
+        cost = np.full((len(cur), len(pri)), NO_MATCH)
         for i, c in enumerate(cur):
             cc = np.array(_center_px(c))
             for j, p in enumerate(pri):
@@ -1432,12 +1431,10 @@ def compare_radiographs(current_study: Study, prior_study: Study, regions: list[
                            0.75 * max(d_cur(c), d_pri(p)))
                 if dist <= gate:
                     cost[i, j] = dist + 0.5 * abs(d_cur(c) - d_pri(p))
-        rows, cols = linear_sum_assignment(cost)
-        for i, j in zip(rows, cols):
-            if cost[i, j] < 1e6:
-                pairs.append((cur[i], pri[j]))
-                used_c.add(i)
-                used_p.add(j)
+        for i, j in gated_assignment(cost):
+            pairs.append((cur[i], pri[j]))
+            used_c.add(i)
+            used_p.add(j)
     for i, c in enumerate(cur):
         if i in used_c:
             continue
