@@ -276,12 +276,16 @@ def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-ou
 
             d = evaluate_detector(seeds, size=size)
             results["detector"] = d
-            rows += [("detector", "sensitivity, nodules >= 5 mm", f"{d['sensitivity']:.3f}"),
+            def num(v: Any, fmt: str) -> str:
+                return "n/a" if v is None else format(v, fmt)
+
+            rows += [("detector", "sensitivity, nodules >= 5 mm",
+                      f"{d['sensitivity']:.3f} ({d['tp']}/{d['tp'] + d['fn']})"),
                      ("detector", "false positives per scan", f"{d['fp_per_scan']:.2f}"),
-                     ("detector", "mean |diameter error|", f"{d['diameter_mae_mm']:.2f} mm"),
-                     ("detector", "side+zone correct", f"{d['region_accuracy']:.3f}"),
-                     ("detector", "anatomy box IoU (mean)", f"{d['anatomy_iou']:.3f}"),
-                     ("detector", "runtime per scan", f"{d['runtime_s']:.1f} s")]
+                     ("detector", "mean |diameter error|", num(d["mean_abs_diameter_error_mm"], ".2f") + " mm"),
+                     ("detector", "side+zone correct", num(d["region_accuracy"], ".3f")),
+                     ("detector", "anatomy box IoU (mean over regions)", num(d["mean_anatomy_iou"], ".3f")),
+                     ("detector", "runtime per scan", num(d["runtime_s_per_scan"], ".1f") + " s")]
         if "comparer" in want:
             c = comparer_accuracy(seeds, size, work)
             results["comparer"] = c
