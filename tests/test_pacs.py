@@ -224,3 +224,24 @@ def test_ui_opens_a_pacs_study_with_its_prior(orthanc: OrthancServer, pacs_patie
     assert again[1]["value"] == cur_uid
     bad = list(app.pick_study("1.2.3.999999", ui_app.SOURCE_PACS))[-1]
     assert "could not be opened from the PACS" in bad[3][-1]["content"] and "no study" in bad[3][-1]["content"]
+
+
+def test_report_sent_back_to_the_pacs(orthanc: OrthancServer, pacs_patient: dict[str, Any],  # noqa: F811
+                                      tmp_path: Path) -> None:
+    """A report turn writes SR + SEG; the workspace sends them to the archive, where QIDO-RS finds them."""
+    from agents.engine import Consultant
+    from ui import app as ui_app
+
+    consultant = Consultant(home_dir=tmp_path / "home")
+    client = PacsClient(orthanc.dicomweb)
+    app = ui_app.App(consultant, pacs=client)
+    cur_uid = pacs_patient["truth"]["studies"]["current"]["study_uid"]
+    list(app.pick_study(cur_uid, ui_app.SOURCE_PACS))
+    assert "nowhere" not in app.send_results(None, ui_app.user_of(None))
+    tid, _ = app.claim(None, ui_app.user_of(None), cur_uid, "report")
+    ans = consultant.ask("write the report", study=consultant.store.path_of(cur_uid), thread_id=tid)
+    assert {"sr", "seg"} <= set(ans.report.files)  # type: ignore[union-attr]
+    msg = app.send_results(tid, ui_app.user_of(None))
+    assert msg.startswith("Sent 2 object(s)"), msg
+    assert app.send_results(tid, "someone-else").startswith("Open one of your conversations")
+    assert {"SR", "SEG"} <= {s.modality for s in client.list_series(cur_uid)}

@@ -911,6 +911,28 @@ class App:
                 history.append({"role": "assistant", "content": error_text(payload)})
                 yield history, "", thread_id, *keep
 
+    def send_results(self, thread_id: str | None, user: str) -> str:
+        """Send the conversation's last report (DICOM SR and SEG) back to the PACS; a message for the panel."""
+        if self.pacs is None:
+            return "No PACS is configured, so there is nowhere to send the results."
+        if not thread_id or self.conversations.owner(thread_id) != user:
+            return "Open one of your conversations with a report first."
+        answer = self.c.last_answer(thread_id)
+        files = [Path(p) for k, p in ((answer.report.files if answer and answer.report else {}) or {}).items()
+                 if k in ("sr", "seg")]
+        if not files:
+            return "This conversation has no DICOM report yet: ask for a report first (e.g. “write the report”)."
+        try:
+            res = self.pacs.send(files)
+        except RadAssistError as exc:
+            return f"The results could not be sent: {exc}"
+        return (f"Sent {len(res.stored)} object(s) ({', '.join(p.stem.upper() for p in files)}) to the PACS"
+                + (f"; {len(res.failed)} refused." if res.failed else "."))
+
+    def send_results_api(self, thread_id: str, request: gr.Request | None = None) -> str:
+        """Send the last report of one of your conversations (SR + SEG) to the PACS."""
+        return self.send_results(thread_id, user_of(request))
+
     # -- API ----------------------------------------------------------------------------------------
     def ask_api(self, question: str, study_uid: str = "", thread_id: str = "",
                 request: gr.Request | None = None) -> dict:
@@ -1044,6 +1066,10 @@ def build_app(consultant: Consultant | None = None, auth: Callable[[str, str], b
                                              "findings", elem_id="ra-sentences")
                         report = gr.Markdown("", elem_id="ra-report")
                         files = gr.File(label="Files", file_count="multiple", interactive=False)
+                        with gr.Row(visible=pacs is not None):
+                            to_pacs = gr.Button("Send report (SR + SEG) to the PACS", variant="secondary",
+                                                elem_id="ra-send-pacs")
+                            sent_msg = gr.Markdown("", elem_id="ra-send-pacs-status")
                     with gr.Tab("Findings", id="findings"):
                         table = gr.Dataframe(headers=FINDING_COLUMNS, value=[], label="Findings", interactive=False,
                                              wrap=True)
@@ -1079,6 +1105,9 @@ def build_app(consultant: Consultant | None = None, auth: Callable[[str, str], b
         demo.load(app.refresh, [study], [study, prior], api_visibility="private")
         demo.load(**convs)
         gr.api(app.ask_api, api_name="ask")
+        gr.api(app.send_results_api, api_name="send_results", concurrency_limit=1, concurrency_id="import")
+        to_pacs.click(lambda tid, request: app.send_results(tid, user_of(request)), [thread_state], [sent_msg],
+                      api_name=False)
         gr.api(app.studies_api, api_name="studies", concurrency_limit=None)
         gr.api(app.pacs_studies_api, api_name="pacs_studies", concurrency_limit=None)
         gr.api(app.open_pacs_api, api_name="open_pacs", concurrency_limit=1, concurrency_id="import")
