@@ -394,3 +394,47 @@ def test_boxes_on_the_slice_and_report_sentences(tmp_path: Path) -> None:
     assert [c for _, c in gallery] == ["F2 key image [F2]"]
     assert pick["value"] == "F2" and keyimg[1][0][1].startswith("F2") and sent_img is keyimg
     assert app.extras(ans)[7]["selected"] == "report"
+
+
+def test_point_to_box_mm_respects_display_flips_and_upscaling() -> None:
+    import numpy as np
+
+    from tools.study import Series
+    from ui.app import point_to_box_mm
+
+    s = Series(series_uid="1", modality="CT", pixels=np.zeros((20, 128, 128), np.float32), spacing=(1.0, 1.0, 2.0),
+               origin=np.array([-64.0, -64.0, 0.0]), direction=np.eye(3))
+    # 128 px wide is shown upscaled x3; a click at display (30, 60) is voxel (10, 20)
+    box = point_to_box_mm(s, 5, 30, 60)
+    assert [round((box[i] + box[i + 3]) / 2, 1) for i in range(3)] == [-54.0, -44.0, 10.0]
+    flipped = Series(series_uid="2", modality="CT", pixels=s.pixels, spacing=s.spacing,
+                     origin=np.array([64.0, -64.0, 0.0]), direction=np.diag([-1.0, 1.0, 1.0]))
+    box = point_to_box_mm(flipped, 5, 30, 60)  # columns displayed mirrored: voxel i = 127 - 10
+    assert round((box[0] + box[3]) / 2, 1) == round(64.0 - 117.0, 1)
+
+
+def test_pointing_asks_what_lies_there(tmp_path, phantom_patient) -> None:
+    import gradio as gr
+    import numpy as np
+
+    from agents.engine import Consultant
+    from ui import app as ui_app
+
+    c = Consultant(home_dir=tmp_path / "home")
+    recs = c.store.import_path(phantom_patient["current"])
+    app = ui_app.App(c)
+    uid = recs[0].study_uid
+    tid, _ = app.claim(None, ui_app.user_of(None), uid, "point")
+    ans = c.ask("Show me all pulmonary nodules", study=c.store.path_of(uid), thread_id=tid)
+    f = next(x for x in ans.findings if x.kind in ("nodule", "mass"))
+    ctx = app.point_context(f.id, ans)
+    series = c.open_study(c.store.path_of(uid))[0].primary
+    ci, cj, _ = series.mm_to_vox(f.center_mm)
+    scale = int(np.ceil(384 / series.shape[2])) if series.shape[2] < 384 else 1
+    evt = gr.SelectData(target=None, data={"index": [ci * scale, cj * scale], "value": None})
+    box, msg = app.point_select(ctx, ans, evt)
+    assert box and "Pointed at" in msg
+    assert all(box[i] <= f.center_mm[i] <= box[i + 3] for i in range(3))
+    out = list(app.chat_point([], uid, None, tid, box))[-1]
+    history = out[0]
+    assert history[-1]["role"] == "assistant" and f.id in history[-1]["content"]

@@ -518,15 +518,33 @@ def step_message(event: dict[str, Any]) -> Message:
     return {"role": "assistant", "content": content, "metadata": meta}
 
 
+POINT_HALF_MM = 15.0  # a click points at a 30 mm cube around the clicked spot
+
+
+def point_to_box_mm(series: Any, k: int, x: float, y: float, half_mm: float = POINT_HALF_MM) -> list[float]:
+    """A click at display pixel (x, y) of slice k, as drawn by :func:`slice_annotations` (upscaled and flipped
+    to radiological display), -> a box [x0, y0, z0, x1, y1, z1] in patient mm around that spot."""
+    nk, nj, ni = series.shape
+    s = int(np.ceil(384 / ni)) if ni < 384 else 1
+    i, j = float(x) / s, float(y) / s
+    flip_i, flip_j = _display_flips(series) if nk > 1 else (False, False)
+    i = ni - 1 - i if flip_i else i
+    j = nj - 1 - j if flip_j else j
+    c = series.vox_to_mm([i, j, float(k)])
+    half_z = max(half_mm, float(series.spacing[2]))
+    return [round(float(v), 1) for v in (c[0] - half_mm, c[1] - half_mm, c[2] - half_z,
+                                         c[0] + half_mm, c[1] + half_mm, c[2] + half_z)]
+
+
 def run_turn(consultant: Consultant, question: str, study: str | None, prior: str | None,
-             thread_id: str) -> Iterator[tuple[str, Any]]:
+             thread_id: str, box_mm: list[float] | None = None) -> Iterator[tuple[str, Any]]:
     """Run ``consultant.ask`` in a worker thread; yield ("step", event) as tool steps arrive, then
     ("answer", Answer) or ("error", exception)."""
     events: queue.Queue[tuple[str, Any]] = queue.Queue()
 
     def work() -> None:
         try:
-            ans = consultant.ask(question, study=study, prior=prior, thread_id=thread_id,
+            ans = consultant.ask(question, study=study, prior=prior, thread_id=thread_id, box_mm=box_mm,
                                  on_step=lambda ev: events.put(("step", ev)))
             events.put(("answer", ans))
         except Exception as exc:  # noqa: BLE001 - reported to the clinician, logged below
@@ -850,7 +868,8 @@ class App:
 
     # -- chat ---------------------------------------------------------------------------------------
     def chat(self, message: str, history: list[Message] | None, study_uid: str | None, prior: str | None,
-             thread_id: str | None, request: gr.Request | None = None) -> Iterator[tuple[Any, ...]]:
+             thread_id: str | None, request: gr.Request | None = None,
+             box_mm: list[float] | None = None) -> Iterator[tuple[Any, ...]]:
         """Streaming handler: yields (history, textbox, thread_id, *panel, *extras) while the steps run."""
         history = list(history or [])
         message = (message or "").strip()
@@ -873,7 +892,7 @@ class App:
             return
         open_steps: dict[str, list[int]] = {}
         t0 = time.monotonic()
-        for kind, payload in run_turn(self.c, message, study, prior_path, thread_id):
+        for kind, payload in run_turn(self.c, message, study, prior_path, thread_id, box_mm=box_mm):
             if kind == "step":
                 ev = payload
                 if ev.get("event") == "plan":
@@ -910,6 +929,41 @@ class App:
                         history[i] = {**history[i], "metadata": {**history[i]["metadata"], "status": "done"}}
                 history.append({"role": "assistant", "content": error_text(payload)})
                 yield history, "", thread_id, *keep
+
+    def point_select(self, ctx: dict | None, answer: Answer | None,
+                     evt: gr.SelectData) -> tuple[list[float] | None, str]:
+        """A click on the slice: remember a box around the spot for "what is this?"."""
+        if not ctx or answer is None:
+            return None, "Open a finding's slice first (pick a finding above)."
+        f = next((x for x in answer.findings if x.id == ctx.get("finding_id")), None)
+        series = self._series_for(answer, f) if f is not None else None
+        if series is None or not evt.index or len(evt.index) < 2:
+            return None, "That image cannot be pointed at."
+        if series.shape[0] == 1:
+            return None, "Pointing is available on CT slices; on films, ask about a zone by name."
+        box = point_to_box_mm(series, int(ctx["k"]), float(evt.index[0]), float(evt.index[1]))
+        c = [round((box[i] + box[i + 3]) / 2, 1) for i in range(3)]
+        return box, f"Pointed at {c} mm (LPS). Ask “what is this?” to hear what lies there."
+
+    def point_context(self, finding_id: str | None, answer: Answer | None) -> dict | None:
+        f = next((x for x in (answer.findings if answer else []) if x.id == finding_id), None)
+        if f is None:
+            return None
+        k = f.slice_index if f.slice_index is not None else (
+            int(round((f.bbox_vox[2] + f.bbox_vox[5]) / 2)) if f.bbox_vox else 0)
+        return {"finding_id": f.id, "k": int(k)}
+
+    def chat_point(self, history: list[Message] | None, study_uid: str | None, prior: str | None,
+                   thread_id: str | None, box_mm: list[float] | None,
+                   request: gr.Request | None = None) -> Iterator[tuple[Any, ...]]:
+        """Region-to-text by pointing: "what is this?" about the clicked spot."""
+        if not box_mm:
+            keep = tuple(gr.update() for _ in range(self.N_PANEL + self.N_EXTRA))
+            msg = {"role": "assistant", "content": "Click on the slice in the Boxes tab first, then ask."}
+            yield [*(history or []), msg], "", thread_id or uuid.uuid4().hex, *keep
+            return
+        yield from self.chat("What is this? (the region I pointed at)", history, study_uid, prior, thread_id,
+                             request=request, box_mm=box_mm)
 
     def send_results(self, thread_id: str | None, user: str) -> str:
         """Send the conversation's last report (DICOM SR and SEG) back to the PACS; a message for the panel."""
@@ -1050,6 +1104,14 @@ def build_app(consultant: Consultant | None = None, auth: Callable[[str, str], b
                                                elem_id="ra-key-pick")
                         keyimg = gr.AnnotatedImage(label="Slice with the findings' boxes", height=400, format="png",
                                                    show_legend=True, elem_id="ra-boxes")
+                        with gr.Accordion("Point at a region: click the slice, then ask", open=False):
+                            point_img = gr.Image(label="Click a spot", interactive=False, format="png", height=300,
+                                                 elem_id="ra-point-image")
+                            with gr.Row():
+                                point_msg = gr.Markdown("", elem_id="ra-point-msg")
+                                point_ask = gr.Button("What is this?", variant="secondary", elem_id="ra-point-ask")
+                        point_ctx = gr.State(None)
+                        point_box = gr.State(None)
                     with gr.Tab("Before / after", id="compare"):
                         ba_pick = gr.Dropdown(choices=[], value=None, label="Comparison", interactive=True,
                                               elem_id="ra-pair")
@@ -1093,6 +1155,16 @@ def build_app(consultant: Consultant | None = None, auth: Callable[[str, str], b
         conv.input(app.open_conversation, [conv],
                    [study, prior, chatbot, thread_state, *panel_outputs, *extra_outputs], api_visibility="private")
         key_pick.input(app.show_key, [key_pick, answer_state], [keyimg], api_visibility="private")
+
+        def point_view(fid: str | None, answer: Answer | None) -> tuple[Any, Any]:
+            shown = app.key_image(answer, fid)
+            return (shown[0] if shown else None), app.point_context(fid, answer)
+
+        key_pick.change(point_view, [key_pick, answer_state], [point_img, point_ctx], api_visibility="private")
+        point_img.select(app.point_select, [point_ctx, answer_state], [point_box, point_msg],
+                         api_visibility="private")
+        point_ask.click(app.chat_point, [chatbot, study, prior, thread_state, point_box], chat_outputs,
+                        api_visibility="private").then(**convs)
         wipe_args = dict(fn=app.wipe, inputs=[ba_pick, ba_slider, ba_mode, answer_state], outputs=[ba_img],
                          api_visibility="private", show_progress="hidden", trigger_mode="always_last",
                          concurrency_limit=None)
