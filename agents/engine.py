@@ -21,6 +21,7 @@ from agents.graph import build_graph, sqlite_checkpointer
 from agents.planner import EmbeddedPlanner, Planner
 from models.registry import backend_summary, home, load_config
 from tools.cache import cached_study
+from tools.comparer import check_pair
 from tools.errors import StudyError
 from tools.schemas import Answer
 from tools.study import Study
@@ -74,11 +75,7 @@ class Consultant:
     def resolve_prior(self, study: Study, prior: str | Path | None) -> dict[str, Any] | None:
         if prior:
             pstudy, ref = self.open_study(prior)
-            if pstudy.patient_id != study.patient_id:
-                raise StudyError("The prior study belongs to a different patient than the current one; "
-                                 "pick a prior of the same patient.")
-            if pstudy.study_uid == study.study_uid:
-                raise StudyError("The prior is the same study as the current one; pick an earlier study.")
+            check_pair(study, pstudy)
             return ref
         rec = self.store.find_prior(study)
         if rec is None:

@@ -192,15 +192,20 @@ def _in_regions(f: Finding, regions: list[str]) -> bool:
     return any(f.region and vocab.contains(r, f.region) for r in regions)
 
 
-def compare_studies(current: Study, prior: Study, req: CompareRequest | None = None) -> CompareResult:
-    from tools.detector import analyze_series, measure_at
-
-    req = req or CompareRequest()
+def check_pair(current: Study, prior: Study) -> None:
+    """The one rule for a current/prior pair: same patient, two different studies."""
     if current.patient_id != prior.patient_id:
         raise StudyError("These two studies belong to different patients, so they cannot be compared. "
                          "Pick a prior study of the same patient.")
     if current.study_uid == prior.study_uid:
         raise StudyError("The prior is the same study as the current one; pick an earlier study.")
+
+
+def compare_studies(current: Study, prior: Study, req: CompareRequest | None = None) -> CompareResult:
+    from tools.detector import analyze_series, measure_at
+
+    req = req or CompareRequest()
+    check_pair(current, prior)
     cs, ps = current.primary, prior.primary
     if not (cs.is_volume and ps.is_volume):
         raise UnsupportedError("Comparison is implemented for CT volumes; radiograph comparison is not supported "

@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from tools.radiograph import _bbox
+
 log = logging.getLogger(__name__)
 
 MU_WATER = 0.0195  # 1/mm, effective energy of a ~120 kVp chest film
@@ -77,14 +79,6 @@ class Drr:
     heart: np.ndarray  # bool [row, col]: the cardiac silhouette
     truth: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def _bbox(mask: np.ndarray) -> list[int] | None:
-    rr = np.flatnonzero(mask.any(axis=1))
-    if rr.size == 0:
-        return None
-    cc = np.flatnonzero(mask.any(axis=0))
-    return [int(cc[0]), int(rr[0]), int(cc[-1]), int(rr[-1])]
 
 
 def _largest(mask: np.ndarray) -> np.ndarray:

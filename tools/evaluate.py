@@ -40,6 +40,18 @@ def _truth_radius(t: dict[str, Any]) -> float:
     return max(0.5 * float(d), 3.0)
 
 
+def greedy_pairs(cands: list[tuple[float, Any, Any]]) -> dict[Any, Any]:
+    """Greedy one-to-one matching, nearest first: (distance, truth key, found key) -> {truth key: found key}."""
+    out: dict[Any, Any] = {}
+    used: set[Any] = set()
+    for _, t, f in sorted(cands, key=lambda c: c[0]):
+        if t in out or f in used:
+            continue
+        out[t] = f
+        used.add(f)
+    return out
+
+
 def match_nodules(found: list[Finding], truth_nodules: list[dict[str, Any]],
                   min_mm: float = 0.0) -> dict[str, Any]:
     """Match detections to truth (greedy by distance). ``min_mm``: truth nodules smaller than this
@@ -54,14 +66,8 @@ def match_nodules(found: list[Finding], truth_nodules: list[dict[str, Any]],
             d = float(np.linalg.norm(np.asarray(f.center_mm, dtype=float) - c))
             if d <= r:
                 cands.append((d, ti, fi))
-    cands.sort()
-    t_used: dict[int, int] = {}
-    f_used: set[int] = set()
-    for d, ti, fi in cands:
-        if ti in t_used or fi in f_used:
-            continue
-        t_used[ti] = fi
-        f_used.add(fi)
+    t_used: dict[int, int] = greedy_pairs(cands)
+    f_used = set(t_used.values())
     pairs: list[dict[str, Any]] = []
     missed: list[dict[str, Any]] = []
     for ti, t in enumerate(truth_nodules):

@@ -1381,13 +1381,9 @@ def compare_radiographs(current_study: Study, prior_study: Study, regions: list[
     """Compare the current chest film with a prior one of the same patient: registration, matched rounded
     opacities with their change (grew / shrank / stable / new / resolved) and the change in the
     cardiothoracic ratio. Returns ``tools.comparer.CompareResult``."""
-    from tools.comparer import NO_MATCH, CompareResult, _focus, gated_assignment
+    from tools.comparer import NO_MATCH, CompareResult, _focus, check_pair, gated_assignment
 
-    if current_study.patient_id != prior_study.patient_id:
-        raise StudyError("These two films belong to different patients, so they cannot be compared. "
-                         "Pick a prior film of the same patient.")
-    if current_study.study_uid == prior_study.study_uid:
-        raise StudyError("The prior is the same study as the current one; pick an earlier film.")
+    check_pair(current_study, prior_study)
     cs, ps = current_study.primary, prior_study.primary
     if not (cs.is_radiograph and ps.is_radiograph):
         raise UnsupportedError("Radiograph comparison needs two films; for CT volumes use the CT comparer.")
@@ -1598,15 +1594,9 @@ def _match_truth(found: list[Finding], truth: list[dict[str, Any]], spacing: flo
             d = math.hypot(c[0] - t["center_px"][0], c[1] - t["center_px"][1])
             if d <= max(0.6 * t["diameter_px"], 4.0 / spacing):
                 cands.append((d, t["id"], f.id))
-    cands.sort()
-    out: dict[str, str] = {}
-    used: set[str] = set()
-    for _, tid, fid in cands:
-        if tid in out or fid in used:
-            continue
-        out[tid] = fid
-        used.add(fid)
-    return out
+    from tools.evaluate import greedy_pairs
+
+    return greedy_pairs(cands)
 
 
 def evaluate_radiographs(seeds: list[int] | tuple[int, ...], workdir: str | Path | None = None,
