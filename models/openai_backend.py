@@ -84,7 +84,9 @@ class OpenAIChatModel(BaseChatModel):
                   **kw: Any) -> ChatResult:
         body: dict[str, Any] = {
             "model": self.model, "temperature": self.temperature,
-            "messages": [{"role": _role(m), "content": str(m.content)} for m in messages],
+            # list content (text + image_url parts, for vision-language models) is sent as the parts
+            "messages": [{"role": _role(m), "content": m.content if isinstance(m.content, list) else str(m.content)}
+                         for m in messages],
         }
         if self.tools:
             body["tools"] = self.tools

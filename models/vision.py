@@ -93,3 +93,159 @@ def box_px_to_mm(series: Series, k: int, box_px: tuple[float, float, float, floa
     pts = series.vox_to_mm(corners)
     lo, hi = pts.min(0), pts.max(0)
     return [round(float(v), 2) for v in (*lo, *hi)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Images sent to a vision-language model, and their boxes mapped back
+# ------------------------------------------------------------------------------------------------
+SOFT_TISSUE_WORDS = ("effusion", "heart", "cardi", "pericard", "mediastin", "aorta", "lymph", "node", "fluid")
+BONE_WORDS = ("fracture", "bone", "rib", "spine", "vertebr", "lytic", "sclerotic")
+
+
+@dataclass(frozen=True)
+class SentImage:
+    """One windowed PNG as sent to a model: no overlay, no text burned in, geometry described in words.
+
+    ``k`` is the axial slice index in the series (0 for a radiograph); the PNG is ``width`` x
+    ``height`` pixels, the slice's column/row grid scaled by (``width``/ni, ``height``/nj) and flipped
+    (``flip_x``, ``flip_y``) into radiological display (patient right on the image's left, anterior up).
+    """
+
+    k: int
+    png: bytes
+    width: int
+    height: int
+    flip_x: bool
+    flip_y: bool
+    window: str
+    geometry: str
+
+    def data_uri(self) -> str:
+        import base64
+
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+
+def window_for_question(text: str) -> str:
+    """Display window that suits a visual question: bone, mediastinal (soft tissue, fluid) or lung."""
+    t = text.lower()
+    if any(w in t for w in BONE_WORDS):
+        return "bone"
+    if any(w in t for w in SOFT_TISSUE_WORDS):
+        return "mediastinal"
+    return "lung"
+
+
+def _sent_size(ni: int, nj: int, max_side: int, multiple: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(ni, nj))
+    w, h = max(1, round(ni * scale)), max(1, round(nj * scale))
+    if multiple > 1:  # Qwen2.5-VL reads absolute pixels on its own 28-px grid: send that size already
+        w, h = max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple)
+    return int(w), int(h)
+
+
+def render_for_model(series: Series, k: int, window: str = "lung", max_side: int = 512,
+                     multiple: int = 1) -> SentImage:
+    """Slice ``k`` of a CT (or the radiograph) as a plain windowed PNG for a model, with its geometry.
+
+    Only pixels go into the PNG (no labels, names, dates or annotations are drawn); the text states
+    slice position, pixel spacing, image size and orientation, nothing that identifies the patient.
+    """
+    import io
+
+    from PIL import Image
+
+    from tools.render import _axis_flips, _to_uint8
+
+    nk, nj, ni = series.shape
+    k = int(np.clip(k, 0, nk - 1))
+    plane = np.asarray(series.pixels[k], dtype=np.float32)
+    if series.is_radiograph:
+        lo, hi = np.percentile(plane, [0.5, 99.5])
+        img8 = np.clip((plane - lo) * (255.0 / max(float(hi - lo), 1e-6)), 0, 255).astype(np.uint8)
+        flip_x = flip_y = False
+        window = "film (0.5-99.5 % intensity range)"
+    else:
+        img8 = _to_uint8(plane, window)
+        flip_x, flip_y, _ = _axis_flips(series)
+    if flip_x:
+        img8 = img8[:, ::-1]
+    if flip_y:
+        img8 = img8[::-1, :]
+    w, h = _sent_size(ni, nj, max_side, multiple)
+    im = Image.fromarray(np.ascontiguousarray(img8))
+    if (w, h) != (ni, nj):
+        im = im.resize((w, h), Image.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    di, dj = float(series.spacing[0]) * ni / w, float(series.spacing[1]) * nj / h
+    if series.is_radiograph:
+        spacing = f"{di:.3f} x {dj:.3f} mm per pixel" if series.spacing_known else "pixel spacing unknown"
+        geometry = (f"Frontal chest radiograph, {w} x {h} pixels (width x height), {spacing}; "
+                    "displayed as acquired.")
+    else:
+        z = float(series.vox_to_mm([ni / 2.0, nj / 2.0, k])[2])
+        geometry = (f"Axial CT slice {k + 1} of {nk} (z = {z:.1f} mm, slice spacing {float(series.spacing[2]):.2f} mm), "
+                    f"{w} x {h} pixels (width x height), {di:.3f} x {dj:.3f} mm per pixel, {window} window; "
+                    "patient's right on the image's left, anterior at the top.")
+    return SentImage(k=k, png=buf.getvalue(), width=w, height=h, flip_x=flip_x, flip_y=flip_y,
+                     window=window, geometry=geometry)
+
+
+def sent_box_to_source_px(series: Series, img: SentImage, box_px: tuple[float, float, float, float]
+                          ) -> tuple[float, float, float, float]:
+    """A pixel box on the image sent -> the same box on the slice's own column/row grid (undoing
+    the display flips and the resize)."""
+    nj, ni = series.shape[1], series.shape[2]
+    x0, y0, x1, y1 = box_px
+    if img.flip_x:
+        x0, x1 = img.width - x1, img.width - x0
+    if img.flip_y:
+        y0, y1 = img.height - y1, img.height - y0
+    sx, sy = ni / img.width, nj / img.height
+    return (round(x0 * sx, 2), round(y0 * sy, 2), round(x1 * sx, 2), round(y1 * sy, 2))
+
+
+def sent_box_to_mm(series: Series, img: SentImage, box_px: tuple[float, float, float, float]) -> list[float]:
+    """A pixel box on the image sent -> an LPS mm box one slice thick (see :func:`box_px_to_mm`)."""
+    return box_px_to_mm(series, img.k, sent_box_to_source_px(series, img, box_px))
+
+
+def key_slices(n_slices: int, n: int, prefer: list[int] | None = None, k_range: tuple[int, int] | None = None
+               ) -> list[int]:
+    """Up to ``n`` slice indices: the preferred ones first (e.g. through findings), then evenly spaced
+    over ``k_range`` (default: the middle 80 % of the series)."""
+    if n <= 0 or n_slices <= 0:
+        return []
+    lo, hi = k_range if k_range else (int(n_slices * 0.1), int(np.ceil(n_slices * 0.9)) - 1)
+    lo, hi = max(0, min(lo, hi)), min(n_slices - 1, max(lo, hi))
+    out: list[int] = []
+    for k in prefer or []:
+        if 0 <= k < n_slices and k not in out and len(out) < n:
+            out.append(int(k))
+    free = n - len(out)
+    if free > 0:
+        for k in np.linspace(lo, hi, free + 2)[1:-1] if hi > lo else [lo]:
+            kk = int(round(float(k)))
+            while kk in out and kk < hi:
+                kk += 1
+            if kk not in out and len(out) < n:
+                out.append(kk)
+    return sorted(out)
+
+
+BOX_INSTRUCTIONS = {
+    "grid1000": ("Give every box as <ref>label</ref><box>[[x1,y1,x2,y2]]</box> with coordinates on a 0-999 grid "
+                 "over the image (0,0 top left, 999,999 bottom right)."),
+    "pixels": ('Give every box as JSON: [{"bbox_2d": [x1, y1, x2, y2], "label": "..."}] in absolute pixel '
+               "coordinates of the image ({w} x {h} pixels, 0,0 top left)."),
+    "bins100": ("Give every box as <obj>label</obj><box>[x1, y1, x2, y2]</box> with coordinates in 100 bins per "
+                "axis (0-99, 0,0 top left)."),
+}
+
+
+def box_instruction(convention: str, width: int, height: int) -> str:
+    """How to ask a model for boxes in its own convention (the registry's ``box`` setting)."""
+    if convention not in BOX_INSTRUCTIONS:
+        raise ValueError(f"unknown box convention {convention!r}")
+    return BOX_INSTRUCTIONS[convention].replace("{w}", str(width)).replace("{h}", str(height))
