@@ -77,6 +77,10 @@ MAX_ZIP_MEMBERS = 200_000
 MAX_ZIP_RATIO = 200.0  # per member, checked for members above MAX_ZIP_RATIO_MIN_BYTES
 MAX_ZIP_RATIO_MIN_BYTES = 16 * 1024**2
 
+# Size guards: refuse before allocating (a header may claim any size).
+MAX_FRAMES_PER_FILE = 10_000
+MAX_VOLUME_BYTES = int(float(os.environ.get("RADASSIST_MAX_VOLUME_MB", "6144")) * 1024**2)  # float32 voxels
+
 # Geometry tolerances.
 ORIENTATION_TOL = 1e-2  # max abs difference of direction cosines within one series
 DUPLICATE_TOL_MM = 0.01
@@ -479,10 +483,27 @@ class _Frame:
     window: tuple[float, float] | None
 
 
+def _check_size(name: str, rows: int, cols: int, nframes: int) -> None:
+    """Refuse impossible or oversized image dimensions from the header, before any allocation."""
+    if rows <= 0 or cols <= 0 or nframes <= 0:
+        raise StudyError(f"'{name}' declares an empty image ({rows} rows x {cols} columns x {nframes} frames); "
+                         "the file is damaged. Export it again from the PACS.")
+    if nframes > MAX_FRAMES_PER_FILE:
+        raise StudyError(f"'{name}' declares {nframes} frames, more than the {MAX_FRAMES_PER_FILE} allowed; the "
+                         "header is probably damaged. Export it again from the PACS.")
+    nbytes = rows * cols * nframes * 4
+    if nbytes > MAX_VOLUME_BYTES:
+        raise StudyError(f"'{name}' declares {rows} x {cols} pixels x {nframes} frames "
+                         f"({nbytes / 1024**3:.1f} GiB once loaded), more than the "
+                         f"{MAX_VOLUME_BYTES / 1024**3:.1f} GiB allowed (RADASSIST_MAX_VOLUME_MB). "
+                         "Load a smaller series, or raise the limit if the file is genuine.")
+
+
 def _frames_of(f: DicomFile) -> list[_Frame]:
     ds = f.ds
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    rows, cols = int(_float(ds.get("Rows")) or 0), int(_float(ds.get("Columns")) or 0)
     nframes = int(_float(ds.get("NumberOfFrames")) or 1)
+    _check_size(f.path.name, rows, cols, nframes)
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     multi = nframes > 1 or enhanced
     out: list[_Frame] = []
@@ -766,6 +787,11 @@ def _read_pixels(plans: list[_Plan]) -> list[tuple[np.ndarray, list[str]]]:
     """Read every file once (threads), write frames into preallocated float32 arrays."""
     outs: list[np.ndarray] = []
     jobs: dict[Path, list[tuple[int, int, _Frame]]] = defaultdict(list)  # path -> (plan, k, frame)
+    total = sum(len(p.frames) * p.frames[0].rows * p.frames[0].cols * 4 for p in plans)
+    if total > MAX_VOLUME_BYTES:
+        raise StudyError(f"The study's images add up to {total / 1024**3:.1f} GiB once loaded, more than the "
+                         f"{MAX_VOLUME_BYTES / 1024**3:.1f} GiB allowed (RADASSIST_MAX_VOLUME_MB). Load one series "
+                         "at a time, or raise the limit.")
     for pi, plan in enumerate(plans):
         fr0 = plan.frames[0]
         outs.append(np.empty((len(plan.frames), fr0.rows, fr0.cols), dtype=np.float32))
@@ -1081,6 +1107,10 @@ def _build_study(st_uid: str, files: list[DicomFile], source: str) -> Study:
         source=source,
         notes=notes,
     )
+    from tools import deid
+
+    study.identifiers = deid.identifiers_from_study(study).merge(deid.identifiers_from_datasets(f.ds for f in files))
+    deid.register(study.identifiers)
     prim = study.primary
     study.modality = prim.modality
     study.body_part = str(prim.header.get("BodyPartExamined", "") or ref.get("BodyPartExamined", "") or "")

@@ -108,6 +108,7 @@ class Study:
     body_part: str = ""
     source: str = ""  # where it was loaded from
     notes: list[str] = field(default_factory=list)
+    identifiers: Any = field(default=None, repr=False)  # tools.deid.Identifiers: scrubbed from requests/logs
 
     @property
     def primary(self) -> Series:
