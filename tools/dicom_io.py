@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -184,7 +185,7 @@ def _extract_zip(zpath: Path, dest: Path) -> None:
     label = zpath.name
     try:
         zf = zipfile.ZipFile(zpath)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
         raise StudyError(f"'{label}' is not a readable zip archive ({exc}). Re-create or re-download it.") from exc
     with zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
@@ -232,7 +233,8 @@ def _extract_zip(zpath: Path, dest: Path) -> None:
                                 f"'{label}' expands beyond its declared size (possible zip bomb); it was not extracted."
                             )
                         dst.write(chunk)
-            except (zipfile.BadZipFile, EOFError, OSError, RuntimeError) as exc:
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, ValueError,
+                    NotImplementedError) as exc:
                 raise StudyError(
                     f"'{label}' is damaged (member '{Path(i.filename).name}': {exc}). Re-create or re-download it."
                 ) from exc
@@ -822,8 +824,9 @@ def _read_pixels(plans: list[_Plan]) -> list[tuple[np.ndarray, list[str]]]:
             dst = outs[pi][k]
             dst[...] = arr[idx]
             if not lut and (fr.slope != 1.0 or fr.intercept != 0.0):
-                dst *= np.float32(fr.slope)
-                dst += np.float32(fr.intercept)
+                with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused below
+                    dst *= np.float32(fr.slope)
+                    dst += np.float32(fr.intercept)
             if cnote:
                 notes[pi].add(cnote)
 
@@ -835,6 +838,12 @@ def _read_pixels(plans: list[_Plan]) -> list[tuple[np.ndarray, list[str]]]:
     else:
         for p in paths:
             work(p)
+    for plan, o in zip(plans, outs, strict=True):
+        if o.size and not np.isfinite(o).all():
+            raise StudyError(
+                f"{_series_label(plan.frames[0].file)}: its rescale slope/intercept give pixel values out of range "
+                "(overflow); the header is damaged. Export the series again from the PACS."
+            )
     return [(o, sorted(n)) for o, n in zip(outs, notes, strict=True)]
 
 
