@@ -69,6 +69,13 @@ EXEMPLARS: dict[str, list[str]] = {
         "hello", "hi", "what can you do", "help", "how do I use this", "who are you", "thanks",
         "good morning", "what are your capabilities",
     ],
+    "visual": [
+        "is there a pneumothorax", "any pleural effusion", "describe the image", "what does this image show",
+        "any signs of pneumonia", "any rib fractures", "is there emphysema", "any atelectasis",
+        "is there pulmonary edema", "describe this scan", "give me a read of this film",
+        "are the lines and tubes in a good position", "is there free air under the diaphragm",
+        "any interstitial lung disease", "signs of fibrosis", "is there bronchiectasis",
+    ],
     "out_of_scope": [
         "what is the weather tomorrow", "write me a poem", "what dose of amoxicillin should I prescribe",
         "book an appointment", "tell me a joke", "what is the capital of France", "how do I cook pasta",
@@ -91,11 +98,18 @@ CUES: dict[str, tuple[str, ...]] = {
                "tumor", "how big", "size", "measure"),
     "describe": ("describe", "what is this", "what is in", "what lies", "what do you see", "characteri"),
     "locate": ("where is the", "where are the", "show me the", "highlight", "outline", "segment"),
+    # visual questions the measuring tools cannot answer: they go to the vision-language model
+    "visual": ("pneumothora", "effusion", "pleural fluid", "pneumonia", "atelecta", "collapse", "emphysema",
+               "fracture", "edema", "oedema", "interstitial", "fibros", "honeycomb", "bronchiectasis", "free air",
+               "pneumomediastinum", "tube", "catheter", "pacemaker", "cavitat", "tree-in-bud", "hernia",
+               "describe the image", "describe this image", "describe the scan", "describe this scan",
+               "describe the film", "describe this film", "describe the study", "describe this study",
+               "image show", "scan show", "film show", "read this film", "read the film", "read this image"),
 }
 
 TOOL_OF = {
     "detect": "detector", "locate": "detector", "describe": "detector", "compare": "comparer",
-    "report": "report_writer", "prognosis": "prognosis", "reliability": "verifier",
+    "report": "report_writer", "prognosis": "prognosis", "reliability": "verifier", "visual": "vlm",
 }
 
 ACCEPT = 0.55  # nearest-exemplar cosine that accepts an intent on its own
@@ -105,7 +119,8 @@ CAPABILITIES = (
     "I can find, box and measure lung nodules and anatomy on chest CT and radiographs (\"is there a nodule in the "
     "right upper lobe?\", \"where is the heart?\", \"describe the left base\"), compare with the prior study "
     "(\"has it grown?\"), write a structured report, estimate survival with a validated model, and tell you how "
-    "reliable each answer is. I support decisions; I do not diagnose or prescribe."
+    "reliable each answer is; visual questions (\"is there a pneumothorax?\") go to a vision-language model when "
+    "one is configured. I support decisions; I do not diagnose or prescribe."
 )
 
 
@@ -209,6 +224,8 @@ def route(question: str, context: dict[str, Any] | None = None) -> Plan:
                 chosen.append(c)
         if "reliability" in chosen and "detect" in chosen and not lesion:
             chosen.remove("detect")
+        if "visual" in chosen:  # "describe the image", "is there an effusion at the left base": the VLM's
+            chosen = [c for c in chosen if c not in ("describe", "locate")]
         if "compare" in chosen and "detect" in chosen and not (vocab.lesion_kind(clause) and
                                                                 ("any" in clause.lower() or "find" in clause.lower())):
             chosen.remove("detect")
@@ -281,6 +298,8 @@ def route(question: str, context: dict[str, Any] | None = None) -> Plan:
                                          else "survival"}))
         elif tool == "verifier":
             calls.append(ToolCall(tool, {"recheck": any(w in q.lower() for w in ("double", "check", "verify"))}))
+        elif tool == "vlm":
+            calls.append(ToolCall(tool, {"question": q, "regions": regions}))
     if detector_wants:
         det_calls = _detector_calls(clause_rows, regions, lesion, followup)
         ids = _finding_ids(q, regions, context, followup)

@@ -16,7 +16,8 @@ from typing import Any
 
 from tools.cache import cached_study
 from tools.errors import RadAssistError
-from tools.registry import TOOLS, ComparerArgs, DetectorArgs, PrognosisArgs, ReportArgs, VerifierArgs, validate_args
+from tools.registry import (TOOLS, ComparerArgs, DetectorArgs, PrognosisArgs, ReportArgs, VerifierArgs,
+                            VisualQuestionArgs, validate_args)
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,42 @@ def detector_agent(args: DetectorArgs, ctx: dict[str, Any]) -> dict[str, Any]:
                                 "largest finding of the last answer; name another by its id (e.g. “how big is F2?”).")
         else:
             summary = f"{', '.join(sorted(wanted))} is not among the findings of this study. " + summary
+    if want == "lesions" and not args.finding_ids and study.primary.is_volume:
+        findings, evidence, summary = _vlm_boxes(study, args, ctx, findings, evidence, summary, notes)
     return _out("detector", summary=summary, findings=_dump(findings), evidence=_dump(evidence),
                 measured=list(res.measured), notes=notes)
+
+
+def _vlm_boxes(study: Any, args: DetectorArgs, ctx: dict[str, Any], findings: list[Any], evidence: list[Any],
+               summary: str, notes: list[str]) -> tuple[list[Any], list[Any], str]:
+    """With a served VLM configured, its boxes join the embedded findings as unmeasured observations."""
+    from tools.vlm import describe_observations, ground_lesions, k_range_of, vision_role
+
+    rc = vision_role()
+    if rc is None:
+        return findings, evidence, summary
+    vres = ground_lesions(study, rc, args.lesion_kind, list(findings), k_range_of(study, list(args.regions)),
+                          Path(ctx["evidence_dir"]))
+    notes += vres.notes
+    for f in findings:
+        if f.id in vres.corroborated.values():
+            f.notes.append(f"Also boxed by the vision-language model ({vres.model}).")
+    said = describe_observations(vres)
+    return list(findings) + vres.findings, list(evidence) + vres.evidence, (summary + " " + said).strip()
+
+
+def vlm_agent(args: VisualQuestionArgs, ctx: dict[str, Any]) -> dict[str, Any]:
+    """A visual question for the served VLM; without one, says so and what the embedded tools can do."""
+    from tools.vlm import ask_visual_question, k_range_of, vision_role
+
+    rc = vision_role()
+    study = cached_study(ctx["study"]["path"])
+    question = args.question or ctx.get("question", "")
+    k_range = k_range_of(study, list(args.regions)) if rc is not None else None
+    res = ask_visual_question(study, question, rc, k_range, Path(ctx["evidence_dir"]))
+    measured = [] if res.status != "answered" else ["nothing: the vision-language model's answer is not measured"]
+    return _out("vlm", summary=res.answer, evidence=_dump(res.evidence), notes=res.notes, measured=measured,
+                unverified=res.status == "answered", vlm_status=res.status)
 
 
 def _describe(f: Any) -> str:
@@ -177,6 +212,7 @@ AGENTS: dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = {
     "report_writer": report_agent,
     "prognosis": prognosis_agent,
     "verifier": verifier_agent,
+    "vlm": vlm_agent,
 }
 assert set(AGENTS) == set(TOOLS), "every registered tool needs an agent"
 

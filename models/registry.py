@@ -90,10 +90,16 @@ def load_config(path: str | Path | None = None) -> dict[str, RoleConfig]:
     out: dict[str, RoleConfig] = {}
     for role in ROLES:
         vals = dict(raw.get(role) or {})
-        for key in ("backend", "model", "url", "api_key", "path", "box"):
+        for key in ("backend", "model", "url", "api_key", "path", "box", "max_images", "timeout_s", "retries"):
             env = os.environ.get(f"RADASSIST_{role.upper()}_{key.upper()}")
             if env:
                 vals[key] = env
+        for key, cast in (("max_images", int), ("timeout_s", float), ("retries", int)):
+            if key in vals:
+                try:
+                    vals[key] = cast(vals[key])
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"Model role '{role}': {key} must be a number, not {vals[key]!r}.") from exc
         known = {k: v for k, v in vals.items() if k in RoleConfig.__dataclass_fields__ and k != "role"}
         extra = {k: v for k, v in vals.items() if k not in RoleConfig.__dataclass_fields__}
         rc = RoleConfig(role=role, extra=extra, **known)
@@ -144,4 +150,22 @@ def doctor_report(path: str | Path | None = None) -> list[dict[str, Any]]:
             rows.append({"role": role, "uses": rc.label() if ok else f"embedded:{EMBEDDED_NAMES[role]}",
                          "why": "local weights folder found" if ok else f"weights folder {rc.path} missing; "
                                                                          "falling back"})
+        if role == "vision":
+            row = rows[-1]
+            row.update({"box": rc.box, "max_images": rc.max_images, "timeout_s": rc.timeout_s,
+                        "healthy": row["uses"] == rc.label() if rc.backend != "embedded" else None})
+            row["why"] += "; " + vision_limits(rc)
     return rows
+
+
+BOX_NAMES = {"grid1000": "0-999 grid (MedRegA-style)", "pixels": "absolute pixels (Qwen2.5-VL-style)",
+             "bins100": "100 bins (MAIRA-2-style)"}
+
+
+def vision_limits(rc: RoleConfig) -> str:
+    """The vision role's box convention and limits, in the words doctor prints."""
+    if rc.backend == "embedded":
+        return ("visual questions (pneumothorax? effusion?) need a served vision-language model; without one they "
+                "are answered with what the embedded tools can do instead")
+    return (f"boxes: {rc.box} = {BOX_NAMES[rc.box]}; at most {rc.max_images} images per request; "
+            f"timeout {rc.timeout_s:g} s, {rc.retries} retries")

@@ -97,7 +97,9 @@ def test_structured_output_is_schema_constrained(served_env: Server) -> None:
 
     out = json.loads(m.invoke("Show me all pulmonary nodules and compare with the prior").content)
     assert set(out) >= {"tools", "regions", "out_of_scope"}
-    assert set(out["tools"]) <= {"detector", "comparer", "report_writer", "prognosis", "verifier"}
+    from tools.registry import TOOLS
+
+    assert set(out["tools"]) <= set(TOOLS)
 
 
 def test_served_orchestration_and_fallback(served_env: Server, tmp_path: Path, phantom_patient: dict,

@@ -50,6 +50,13 @@ class VerifierArgs(BaseModel):
     recheck: bool = False
 
 
+class VisualQuestionArgs(BaseModel):
+    """Ask the vision-language model a visual question the measuring tools cannot answer."""
+
+    question: str = Field(default="", description="The visual question (default: the clinician's message).")
+    regions: list[str] = Field(default_factory=list, description="Regions to look at; empty = whole chest.")
+
+
 @dataclass(frozen=True)
 class ToolSpec:
     name: str
@@ -75,6 +82,9 @@ TOOLS: dict[str, ToolSpec] = {
         ToolSpec("verifier", "Self-consistency verifier",
                  "Re-asks and re-measures under paraphrase and perturbation; gives a reliability index.", VerifierArgs,
                  looks_at_pixels=False),
+        ToolSpec("vlm", "Visual question (vision-language model)",
+                 "Visual questions the measuring tools cannot answer (e.g. pneumothorax, effusion, describe the "
+                 "image), answered by the served vision-language model and marked unverified.", VisualQuestionArgs),
     )
 }
 

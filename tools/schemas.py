@@ -58,6 +58,7 @@ class Finding(_Model):
     units: Literal["mm", "px"] = "mm"
     change: Change | None = None
     notes: list[str] = Field(default_factory=list)
+    source: Literal["vlm"] | None = None  # "vlm": boxed by a served vision-language model, not measured
 
 
 class Evidence(_Model):
