@@ -78,8 +78,8 @@ def _vlm_boxes(study: Any, args: DetectorArgs, ctx: dict[str, Any], findings: li
     from tools.vlm import describe_observations, ground_lesions, k_range_of, vision_role
 
     rc = vision_role()
-    if rc is None:
-        return findings, evidence, summary
+    if rc is None or str(rc.extra.get("grounding", True)).lower() in ("false", "0", "no"):
+        return findings, evidence, summary  # no VLM, or one without a box format (e.g. MedGemma)
     vres = ground_lesions(study, rc, args.lesion_kind, list(findings), k_range_of(study, list(args.regions)),
                           Path(ctx["evidence_dir"]))
     notes += vres.notes

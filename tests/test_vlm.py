@@ -280,3 +280,25 @@ def test_detector_asks_the_vlm_for_boxes_then_falls_back(tmp_path: Path, phantom
     assert time.time() - t0 < 60
     assert "vision-language model (openai:replay-vlm) did not answer" in b.answer
     assert not any(f.source == "vlm" for f in b.findings) and b.tools[0] == "detector"
+
+
+def test_a_vlm_without_a_box_format_is_not_asked_for_boxes(tmp_path: Path, phantom_patient: dict,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents.tool_agents import _vlm_boxes
+    from tools.registry import DetectorArgs
+
+    replay = RecordingProxy(reply=lambda body: "<ref>nodule</ref><box>[[100,100,200,200]]</box>")
+    try:
+        cfg = tmp_path / "models.yaml"
+        ctx = {"evidence_dir": str(tmp_path)}
+        study = load_study(phantom_patient["current"])
+        for grounding, n_requests in (("false", 0), ("true", 1)):
+            cfg.write_text(f"vision: {{backend: openai, model: medgemma, url: '{replay.url}', max_images: 1, "
+                           f"grounding: {grounding}}}\n")
+            monkeypatch.setenv("RADASSIST_MODELS", str(cfg))
+            replay.bodies.clear()
+            findings, _, summary = _vlm_boxes(study, DetectorArgs(), ctx, [], [], "No nodule found.", [])
+            assert len(replay.bodies) == n_requests
+            assert bool(findings) == bool(n_requests) and ("Model observations" in summary) == bool(n_requests)
+    finally:
+        replay.stop()
