@@ -5,7 +5,9 @@ Rows (each issue adds its own):
   accuracy, anatomy box IoU, runtime per scan — on phantom seeds the tests do not use;
 - comparer: change-status accuracy, target registration error at the nodules, diameter-change error;
 - routing: tool-choice accuracy on a labelled set of phrasings that are not the router's exemplars;
-- turn: end-to-end latency of a cold and a warm turn through the engine, peak memory.
+- turn: end-to-end latency of a cold and a warm turn through the engine, peak memory;
+- verifier: AUC of the reliability for predicting a wrong answer unit, ECE, wrong answers rated high,
+  cost as a ratio to the answer's own, on held-out phantom seeds (6000+; calibration uses 5000+).
 """
 from __future__ import annotations
 
@@ -170,9 +172,24 @@ def full_volume_cost(seed: int, workdir: Path) -> dict[str, Any]:
     t1 = time.perf_counter()
     a = analyze_series(study.primary)
     analyse = time.perf_counter() - t1
-    return {"shape": list(study.primary.shape), "decode_s": decode, "analyse_s": analyse,
-            "ratio": analyse / decode if decode else float("nan"), "nodules": len(a.nodules),
-            "peak_rss_mb": _peak_mb()}
+    out: dict[str, Any] = {"shape": list(study.primary.shape), "decode_s": decode, "analyse_s": analyse,
+                           "ratio": analyse / decode if decode else float("nan"), "nodules": len(a.nodules),
+                           "peak_rss_mb": _peak_mb()}
+    # the comparer's issue asks for a cold "compare with the prior" turn on a full-size pair, and a warm
+    # follow-up on the same pair (what the cache keeps: volumes, analyses, the registration)
+    from agents.engine import Consultant
+
+    CACHE.clear()
+    c = Consultant(home_dir=workdir / "full_home")
+    t2 = time.perf_counter()
+    ans = c.ask("compare with the prior", study=pdir / "current", prior=pdir / "prior")
+    out["compare_cold_s"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    c.ask("how much has the biggest one changed?", thread_id=ans.thread_id)
+    out["compare_warm_s"] = time.perf_counter() - t3
+    out["compare_peak_rss_mb"] = _peak_mb()
+    out["prior_shape"] = list(load_study(pdir / "prior").primary.shape)
+    return out
 
 
 def load_check(ns: list[int], size: str, workdir: Path, turns: int = 2) -> list[dict[str, Any]]:
@@ -239,13 +256,39 @@ def load_check(ns: list[int], size: str, workdir: Path, turns: int = 2) -> list[
     return rows
 
 
+def verifier_rows(seeds: list[int] | None, size: str) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """The verifier's evaluation on held-out phantoms (tools.verifier_calibrate) as bench rows."""
+    from tools.verifier_calibrate import EVALUATION_SEEDS, evaluate
+
+    ev_seeds = [s for s in (seeds or []) if s >= 6000] or EVALUATION_SEEDS
+    r = evaluate(ev_seeds, size=size)
+    a, c, mix = r["all"], r["cost"], r["mix"]
+
+    def f(v: Any, fmt: str = ".3f") -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    per_kind = "; ".join(f"{k} {f(r[k].get('auc_wrong'), '.2f')} ({r[k].get('n_wrong', 0)}/{r[k].get('n', 0)} wrong)"
+                         for k in ("finding", "region", "change"))
+    rows = [("verifier", f"AUC for a wrong answer unit (seeds {ev_seeds[0]}-{ev_seeds[-1]})",
+             f"{f(a.get('auc_wrong'))} ({a['n_wrong']} wrong of {a['n']}; {per_kind})"),
+            ("verifier", "expected calibration error", f(a.get("ece"))),
+            ("verifier", "wrong answers rated high", f(a.get("wrong_rated_high"), ".2f")
+             + f"; correct rated high {f(a.get('correct_rated_high'), '.2f')}"),
+            ("verifier", "cost / answer cost (detect; compare)",
+             f"{f(c['detect_ratio'], '.2f')}x ({c['detect_verify_s']:.1f} s / {c['detect_answer_s']:.1f} s); "
+             f"{f(c['compare_ratio'], '.2f')}x"),
+            ("verifier", "case mix", f"{mix['scans']} scans ({mix['low_dose_scans']} low-dose), "
+                                     f"{mix['truth_nodules']} nodules")]
+    return r, rows
+
+
 def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-out",
               only: list[str] | None = None) -> str:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []
     results: dict[str, Any] = {}
-    want = set(only or ["detector", "comparer", "routing", "turn", "prognosis", "load", "scale"])
+    want = set(only or ["detector", "comparer", "routing", "turn", "prognosis", "load", "scale", "verifier"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "routing" in want:
@@ -312,7 +355,14 @@ def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-ou
             results["scale"] = fv
             rows += [("scale", f"detector on {'x'.join(map(str, fv['shape']))} (k,j,i)",
                       f"decode {fv['decode_s']:.1f} s, analysis {fv['analyse_s']:.1f} s "
-                      f"({fv['ratio']:.1f}x decode), peak RSS {fv['peak_rss_mb']:.0f} MB")]
+                      f"({fv['ratio']:.1f}x decode), peak RSS {fv['peak_rss_mb']:.0f} MB"),
+                     ("scale", f"compare turn, {'x'.join(map(str, fv['shape']))} vs "
+                               f"{'x'.join(map(str, fv['prior_shape']))}",
+                      f"cold {fv['compare_cold_s']:.1f} s, warm follow-up {fv['compare_warm_s']:.1f} s, "
+                      f"peak RSS {fv['compare_peak_rss_mb']:.0f} MB")]
+        if "verifier" in want:
+            results["verifier"], vrows = verifier_rows(seeds, size)
+            rows += vrows
         if "load" in want:
             lrows = load_check([1, 2, 4], size, work)
             results["load"] = lrows

@@ -67,14 +67,19 @@ def compose(question: str, plan: dict[str, Any], results: list[dict[str, Any]], 
     else:
         rel = Reliability(score=0.5, level="medium", method="not verified", details={})
     text = "\n\n".join(p for p in parts if p)
+    caveat = (verification or {}).get("caveat") or ""
+    if caveat and rel.level == "low" and not any(r.get("recall") for r in results):
+        # low reliability changes the answer: what to check comes first, not after the findings
+        text = f"Uncertain: {caveat}\n\n{text}"
+        caveat = ""
     if notes:
         text += "\n\nNotes: " + " ".join(n if n.rstrip().endswith((".", "!", "?")) else n.rstrip() + "."
                                           for n in dict.fromkeys(notes))
     if measured:
         text += "\n\nMeasured: " + "; ".join(measured) + "."
     text += f"\n\nReliability: {rel.level} ({rel.score:.2f})"
-    if verification and verification.get("caveat"):
-        text += f" — {verification['caveat'].rstrip('.')}"
+    if caveat:
+        text += f" — {caveat.rstrip('.')}"
     text += f". {DISCLAIMER}"
 
     report = next((Report(**r["report"]) for r in results if r.get("report")), None)

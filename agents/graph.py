@@ -73,7 +73,8 @@ def build_graph(planner: Planner | None = None, checkpointer: Any = None,
         if all(r["tool"] == "verifier" for r in results):
             return {"verification": (state.get("context") or {}).get("last_verification") or {}}
         _emit({"event": "step", "tool": "verifier", "title": TOOLS["verifier"].title, "status": "running"})
-        v = verify_turn(state["question"], plan, results, state.get("study"), state.get("context") or {}, planner)
+        v = verify_turn(state["question"], plan, results, state.get("study"), state.get("context") or {}, planner,
+                        prior=state.get("prior"), request=state.get("request") or {})
         _emit({"event": "step", "tool": "verifier", "title": TOOLS["verifier"].title, "status": "done",
                "duration_s": v.get("duration_s", 0.0), "detail": v.get("summary", "")})
         return {"verification": v}

@@ -1,26 +1,50 @@
-"""Self-consistency verifier: re-ask and re-measure, and turn the agreement into a reliability index.
+"""Self-consistency verifier: re-ask and re-measure, and turn the agreement into a calibrated reliability.
 
-Two kinds of repetition (first cut; the verifier issue deepens and calibrates them):
+Repetitions:
 
 - **paraphrase consistency** — the question is re-asked in other words (:func:`paraphrases`) and routed
   again by the caller; agreement = share of paraphrases that choose the same tools and regions;
 - **perturbation consistency** — each lesion is re-measured on its region of interest after a
   sub-voxel shift, a small in-plane rotation, added noise at the scanner's level, and resampling
-  (:func:`perturb_remeasure`); agreement = share re-found, box overlap, spread of the diameter.
+  (:func:`perturb_remeasure`); agreement = share re-found, the re-measured lesion's plausibility,
+  box overlap, spread of the diameter;
+- (the served path adds sampling consistency: see ``agents/verify.py``).
 
-The per-finding and per-answer scores map to a level by :func:`tools.schemas.level_for`.
+**Answer units** (what gets a probability of being right, :func:`assess`):
+
+- ``finding`` — "there is a nodule here, of this size": wrong when nothing is there (invented) or the
+  mean diameter is off by more than 1.5 mm;
+- ``region`` — "nothing (else) in this lung zone": one per lung zone the question covers; wrong when
+  a nodule there was missed. Its evidence is the detector's best *sub-threshold* candidate in the zone,
+  re-measured under perturbation (a near miss that keeps looking like a nodule is a warning);
+- ``change`` — "this finding grew / shrank / is stable / new / resolved": wrong when the status is;
+  evidence: the margin of the diameter change to the 1.5 mm growth threshold against the combined
+  re-measurement spread, and, for new or resolved, whether something is re-found at the registered
+  position in the other study.
+
+Each unit's features go through a logistic model fitted on phantom patients of a calibration seed set
+(``tools/verifier_calibration.json``, written by ``radassist verifier calibrate``; see
+:mod:`tools.verifier_calibrate`), giving P(correct). Without that file the verifier falls back to a
+hand-set score (``method`` says "uncalibrated").
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 from scipy import ndimage
 
+from tools import vocab
+from tools.errors import ConfigError
 from tools.study import Series
 
 log = logging.getLogger(__name__)
@@ -72,12 +96,16 @@ def plan_agreement(plan: dict[str, Any], alternatives: list[dict[str, Any]]) -> 
             "same_regions": same_regions}
 
 
+# ------------------------------------------------------------------------------------------ perturbation
 @dataclass
 class Remeasure:
+    """Re-measurements of one point under perturbation; ``confidences`` are the re-found blobs' plausibility."""
+
     n: int
     found: int
     diameters: list[float]
     ious: list[float]
+    confidences: list[float] = field(default_factory=list)
 
     @property
     def found_frac(self) -> float:
@@ -91,9 +119,19 @@ class Remeasure:
     def mean_mm(self) -> float:
         return float(np.mean(self.diameters)) if self.diameters else 0.0
 
+    @property
+    def conf_mean(self) -> float:
+        """Mean plausibility over all n tries (a try that found nothing counts 0)."""
+        return float(np.sum(self.confidences)) / self.n if self.n else 0.0
 
-def _noise_level(series: Series) -> float:
-    """Scanner noise estimate: robust SD of the air outside the patient in the first slice, else 20 HU."""
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "found": self.found, "mean_mm": round(self.mean_mm, 2),
+                "spread_mm": round(self.spread_mm, 2), "conf_mean": round(self.conf_mean, 3),
+                "iou_mean": round(float(np.mean(self.ious)) if self.ious else 0.0, 3)}
+
+
+def noise_level(series: Series) -> float:
+    """Scanner noise estimate: robust SD of the air outside the patient in the middle slice, else 20 HU."""
     px = series.pixels[series.pixels.shape[0] // 2]
     air = px[px < -900]
     if air.size > 500:
@@ -129,7 +167,7 @@ def _perturb(roi: Series, kind: str, rng: np.random.Generator, noise: float) -> 
         out = ndimage.zoom(small, np.array(px.shape) / np.array(small.shape), order=1)
         out = out[:px.shape[0], :px.shape[1], :px.shape[2]]
     else:
-        raise ValueError(kind)
+        raise ValueError(f"unknown perturbation {kind!r}")
     return Series(series_uid=roi.series_uid + "." + kind, modality=roi.modality,
                   pixels=np.ascontiguousarray(out, dtype=np.float32), spacing=roi.spacing, origin=roi.origin,
                   direction=roi.direction, spacing_known=roi.spacing_known)
@@ -146,21 +184,28 @@ def _iou(a: list[float] | None, b: list[float] | None) -> float:
 
 
 PERTURBATIONS = ("shift", "rotate", "noise", "resample")
+MIN_REFOUND_MM = 3.0  # a re-measurement smaller than this is residual density, not a lesion
+
+
+def stable_seed(*parts: Any) -> int:
+    """A per-process-stable seed (``hash()`` of a str changes between runs)."""
+    return zlib.crc32("|".join(str(p) for p in parts).encode())
 
 
 def perturb_remeasure(series: Series, finding: dict[str, Any], n: int = 8, seed: int = 0) -> Remeasure:
-    """Re-measure one lesion n times on perturbed copies of its region of interest."""
+    """Re-measure the lesion at ``finding["center_mm"]`` n times on perturbed copies of its region of interest.
+
+    A try re-finds it when a blob of at least 3 mm is segmented within max(3 mm, radius) of the centre.
+    """
     from tools.detector import measure_at
 
     center = finding["center_mm"]
-    diam = float(finding.get("diameter_mm") or 10.0)
+    diam = float(finding.get("diameter_mm") or 6.0)
     half = max(20.0, 1.5 * diam)
     roi = _roi(series, center, half)
     rng = np.random.default_rng(seed)
-    noise = _noise_level(series)
-    diams: list[float] = []
-    ious: list[float] = []
-    found = 0
+    noise = noise_level(series)
+    out = Remeasure(n=n, found=0, diameters=[], ious=[], confidences=[])
     for t in range(n):
         p = _perturb(roi, PERTURBATIONS[t % len(PERTURBATIONS)], rng, noise)
         try:
@@ -168,29 +213,293 @@ def perturb_remeasure(series: Series, finding: dict[str, Any], n: int = 8, seed:
         except Exception as exc:  # noqa: BLE001 - a failed re-measure counts as disagreement
             log.debug("re-measure failed: %s", exc)
             m = None
-        if m is None or m.center_mm is None:
+        if m is None or m.center_mm is None or (m.diameter_mm or 0.0) < MIN_REFOUND_MM:
             continue
         if np.linalg.norm(np.asarray(m.center_mm) - np.asarray(center)) > max(3.0, diam / 2):
             continue
-        found += 1
-        if m.diameter_mm:
-            diams.append(float(m.diameter_mm))
-        ious.append(_iou(m.bbox_mm, finding.get("bbox_mm")))
-    return Remeasure(n=n, found=found, diameters=diams, ious=ious)
+        out.found += 1
+        out.diameters.append(float(m.diameter_mm or 0.0))
+        out.ious.append(_iou(m.bbox_mm, finding.get("bbox_mm")))
+        out.confidences.append(float(m.confidence or 0.0))
+    return out
 
 
+# ------------------------------------------------------------------------------------------ answer units
+N_FINDING = 8  # perturbed re-measurements per finding
+N_SECOND = 4  # per near-miss candidate / other-study position
+GROWTH_MM = 1.5
+LUNG_ZONES = tuple(f"{s} {z} zone" for s in ("right", "left") for z in ("upper", "middle", "lower"))
+
+
+@dataclass
+class Unit:
+    """One checkable part of an answer, with the features its reliability is computed from."""
+
+    kind: str  # "finding" | "region" | "change"
+    key: str  # finding id or zone name
+    features: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)  # what a reader should look at (slice, position, spreads)
+    p: float | None = None  # P(correct), set by :func:`score_units`
+
+
+def finding_features(f: dict[str, Any], r: Remeasure, noise: float) -> dict[str, float]:
+    d = float(f.get("diameter_mm") or 0.0)
+    notes = " ".join(f.get("notes") or [])
+    return {
+        "refound": r.found_frac, "conf_mean": r.conf_mean,
+        "iou": float(np.mean(r.ious)) if r.ious else 0.0,
+        "spread": min(r.spread_mm, 5.0),
+        "bias": min(abs(r.mean_mm - d), 5.0) if r.diameters else 5.0,
+        "det_conf": float(f.get("confidence") if f.get("confidence") is not None else 0.5),
+        "log_d": math.log(max(d, 1.0)), "small": float(d < 6.0),
+        "pleural": float("juxtapleural" in notes), "vascular": float("juxtavascular" in notes),
+        "ggo": float(f.get("attenuation") == "ground-glass"), "noise": noise / 30.0,
+    }
+
+
+def _zone_of_candidate(anat: Any, seg: dict[str, Any], series: Series) -> str | None:
+    from tools.anatomy import region_at
+
+    c = series.vox_to_mm(seg["center_ijk"])
+    reg = region_at(anat, c, lung_snap_mm=max(8.0, 0.6 * float(seg.get("mean_d", 0.0)) + 4.0))
+    return reg if reg in LUNG_ZONES else None
+
+
+def zones_for(regions: list[str]) -> list[str]:
+    """Lung zones a question covers: named zones, the zones of a named lung, or all of them."""
+    regions = [r for r in regions if r]
+    if not regions or any(r in ("body", "chest") for r in regions):
+        return list(LUNG_ZONES)
+    return [z for z in LUNG_ZONES if any(vocab.contains(r, z) for r in regions)]
+
+
+def region_units(series: Series, analysis: Any, reported: list[dict[str, Any]], zones: list[str],
+                 noise: float, seed: int = 0) -> list[Unit]:
+    """One "nothing (else) here" unit per zone, from the best sub-threshold candidate there."""
+    from tools.detector import MIN_CONFIDENCE, MIN_DIAMETER_MM
+
+    reported_c = [np.asarray(f["center_mm"], float) for f in reported if f.get("center_mm")]
+    near: dict[str, tuple[float, dict[str, Any]]] = {}
+    for c in getattr(analysis, "candidates", []) or []:
+        seg = c["seg"]
+        conf = float(c["conf"])
+        if conf >= MIN_CONFIDENCE and seg["mean_d"] >= MIN_DIAMETER_MM:
+            continue  # reported
+        if seg["mean_d"] < MIN_REFOUND_MM or conf <= 0.0:
+            continue
+        cmm = series.vox_to_mm(seg["center_ijk"])
+        if any(np.linalg.norm(cmm - rc) < 5.0 for rc in reported_c):
+            continue
+        z = _zone_of_candidate(analysis.anatomy, seg, series)
+        if z in zones and (z not in near or conf > near[z][0]):
+            near[z] = (conf, seg)
+    units: list[Unit] = []
+    for z in zones:
+        n_rep = sum(1 for f in reported if f.get("region") == z)
+        feats = {"near_conf": 0.0, "near_refound": 0.0, "near_conf_mean": 0.0, "near_d": 0.0, "near_pleural": 0.0,
+                 "n_reported": float(min(n_rep, 3)), "noise": noise / 30.0}
+        info: dict[str, Any] = {"zone": z}
+        if z in near:
+            conf, seg = near[z]
+            cmm = [round(float(v), 1) for v in series.vox_to_mm(seg["center_ijk"])]
+            r = perturb_remeasure(series, {"center_mm": cmm, "diameter_mm": seg["mean_d"]}, n=N_SECOND,
+                                  seed=stable_seed(seed, z))
+            feats.update(near_conf=conf, near_refound=r.found_frac, near_conf_mean=r.conf_mean,
+                         near_d=min(float(seg["mean_d"]), 20.0) / 10.0, near_pleural=float(bool(seg.get("juxtapleural"))))
+            info.update(candidate_mm=cmm, candidate_d_mm=round(float(seg["mean_d"]), 1),
+                        slice_index=int(round(float(seg["center_ijk"][2]))), candidate_conf=round(conf, 3),
+                        remeasure=r.to_dict())
+        units.append(Unit("region", z, feats, info))
+    return units
+
+
+def _apply(matrix: list[list[float]], p: list[float]) -> list[float]:
+    m = np.asarray(matrix, float)
+    return (m[:3, :3] @ np.asarray(p, float) + m[:3, 3]).tolist()
+
+
+def _inverse(matrix: list[list[float]]) -> list[list[float]]:
+    return np.linalg.inv(np.asarray(matrix, float)).tolist()
+
+
+def finding_units(series: Series, findings: list[dict[str, Any]], noise: float, max_findings: int = 8) -> list[Unit]:
+    """A "there is a nodule here, this size" unit per lesion finding in mm (largest first, at most ``max_findings``)."""
+    cur = [f for f in findings if f.get("center_mm") and f.get("units", "mm") == "mm"]
+    cur.sort(key=lambda f: -(f.get("diameter_mm") or 0.0))
+    units = []
+    for f in cur[:max_findings]:
+        r = perturb_remeasure(series, f, n=N_FINDING, seed=stable_seed(f["id"], f["center_mm"]))
+        units.append(Unit("finding", f["id"], finding_features(f, r, noise),
+                          {"remeasure": r.to_dict(), "diameter_mm": f.get("diameter_mm"), "region": f.get("region"),
+                           "slice_index": f.get("slice_index"), "center_mm": f.get("center_mm")}))
+    return units
+
+
+def change_units(series: Series, prior: Series, prior_to_current: list[list[float]],
+                 findings: list[dict[str, Any]], known: list[Unit] | None = None) -> list[Unit]:
+    """A "this is its change status" unit per finding with a ``change`` (comparison answers)."""
+    noise = noise_level(series)
+    c2p = _inverse(prior_to_current)
+    fu = {u.key: u for u in known or [] if u.kind == "finding"}
+    units: list[Unit] = []
+    for f in findings:
+        ch = f.get("change")
+        if not isinstance(ch, dict):
+            continue
+        status = ch.get("status")
+        feats = {"is_new": float(status == "new"), "is_resolved": float(status == "resolved"),
+                 "margin": 0.0, "pair_spread": 0.0, "other_conf": 0.0, "other_refound": 0.0, "ex_refound": 0.0,
+                 "ex_conf": 0.0}
+        info: dict[str, Any] = {"status": status, "region": f.get("region")}
+        if status == "resolved" and ch.get("prior_center_mm"):
+            pf = {"center_mm": ch["prior_center_mm"], "diameter_mm": ch.get("prior_diameter_mm"), "notes": []}
+            rp = perturb_remeasure(prior, pf, n=N_SECOND, seed=stable_seed(f["id"], "prior"))
+            feats.update(ex_refound=rp.found_frac, ex_conf=rp.conf_mean)
+            q = _apply(prior_to_current, ch["prior_center_mm"])
+            ro = perturb_remeasure(series, {"center_mm": q, "diameter_mm": ch.get("prior_diameter_mm")},
+                                   n=N_SECOND, seed=stable_seed(f["id"], "other"))
+            feats.update(other_conf=ro.conf_mean, other_refound=ro.found_frac)
+            info.update(expected_mm=[round(v, 1) for v in q], other=ro.to_dict())
+        elif f.get("center_mm"):
+            u = fu.get(f["id"])
+            if u is None:
+                r = perturb_remeasure(series, f, n=N_SECOND, seed=stable_seed(f["id"], f["center_mm"]))
+                u = Unit("finding", f["id"], finding_features(f, r, noise), {"remeasure": r.to_dict()})
+            feats.update(ex_refound=u.features["refound"], ex_conf=u.features["conf_mean"])
+            if status == "new":
+                q = _apply(c2p, f["center_mm"])
+                ro = perturb_remeasure(prior, {"center_mm": q, "diameter_mm": f.get("diameter_mm")},
+                                       n=N_SECOND, seed=stable_seed(f["id"], "other"))
+                feats.update(other_conf=ro.conf_mean, other_refound=ro.found_frac)
+                info.update(prior_position_mm=[round(v, 1) for v in q], other=ro.to_dict())
+            elif ch.get("prior_center_mm") and ch.get("prior_diameter_mm") is not None:
+                rp = perturb_remeasure(prior, {"center_mm": ch["prior_center_mm"],
+                                               "diameter_mm": ch["prior_diameter_mm"]},
+                                       n=N_SECOND, seed=stable_seed(f["id"], "prior"))
+                delta = float(f.get("diameter_mm") or 0.0) - float(ch["prior_diameter_mm"])
+                spread = math.hypot(u.features["spread"], min(rp.spread_mm, 5.0))
+                feats.update(margin=min(abs(abs(delta) - GROWTH_MM), 5.0), pair_spread=spread)
+                info.update(delta_mm=round(delta, 2), prior_remeasure=rp.to_dict())
+        units.append(Unit("change", f["id"], feats, info))
+    return units
+
+
+def assess(series: Series, analysis: Any, findings: list[dict[str, Any]], zones: list[str],
+           prior: Series | None = None, prior_to_current: list[list[float]] | None = None,
+           max_findings: int = 8) -> list[Unit]:
+    """The answer units of a turn with their features (the expensive part: perturbed re-measurements).
+
+    ``findings``: the lesion findings the answer reports (dicts of the answer contract; with ``change``
+    when the answer is a comparison). ``zones``: the lung zones the answer speaks for ("nothing else
+    there"). ``prior`` and ``prior_to_current`` (4x4, LPS mm) are needed for change units.
+    """
+    noise = noise_level(series)
+    units = finding_units(series, findings, noise, max_findings)
+    reported = [f for f in findings if f.get("center_mm")]
+    units += region_units(series, analysis, reported, zones, noise)
+    if prior is not None and prior_to_current is not None:
+        units += change_units(series, prior, prior_to_current, findings, units)
+    return units
+
+
+# ------------------------------------------------------------------------------------------ calibration
+CALIBRATION_PATH = Path(__file__).with_name("verifier_calibration.json")
+CALIBRATION_VERSION = 1
+#: expected direction of each feature's effect on P(correct); the fit drops a feature whose sign disagrees,
+#: so the mapping is monotone in these (a re-found share that rises can never lower the score)
+MONOTONE: dict[str, dict[str, int]] = {
+    "finding": {"refound": 1, "conf_mean": 1, "iou": 1, "spread": -1, "bias": -1, "det_conf": 1},
+    "region": {"near_conf": -1, "near_refound": -1, "near_conf_mean": -1},
+    "change": {"margin": 1, "pair_spread": -1, "other_conf": -1, "other_refound": -1, "ex_refound": 1, "ex_conf": 1},
+}
+
+
+class KindModel(BaseModel):
+    """Logistic model of P(correct) for one kind of unit, on standardised features."""
+
+    model_config = ConfigDict(extra="forbid")
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    n: int
+    n_wrong: int
+
+    def prob(self, feats: dict[str, float]) -> float:
+        x = np.array([(feats.get(k, 0.0) - m) / s for k, m, s in zip(self.features, self.mean, self.scale)])
+        z = float(x @ np.asarray(self.coef) + self.intercept)
+        return 1.0 / (1.0 + math.exp(-z))
+
+
+class Calibration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int
+    created: str
+    command: str
+    size: str
+    seeds: list[int]
+    detector: str = ""  # what the detector was when fitted (a fingerprint of its module)
+    models: dict[str, KindModel]
+    fit_metrics: dict[str, Any] = {}
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> Calibration | None:
+    p = Path(path)
+    if not p.exists():
+        log.warning("no verifier calibration at %s; reliability is uncalibrated (run `radassist verifier "
+                    "calibrate`)", p)
+        return None
+    try:
+        cal = Calibration(**json.loads(p.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"The verifier calibration {p.name} is unreadable ({exc}); re-create it with "
+                          "`radassist verifier calibrate`.") from exc
+    if cal.version != CALIBRATION_VERSION:
+        raise ConfigError(f"The verifier calibration {p.name} is version {cal.version}, this code expects "
+                          f"{CALIBRATION_VERSION}; re-create it with `radassist verifier calibrate`.")
+    return cal
+
+
+def load_calibration(path: str | Path | None = None) -> Calibration | None:
+    return _load(str(path or CALIBRATION_PATH))
+
+
+def _fallback(kind: str, feats: dict[str, float]) -> float:
+    """Hand-set scores used only when no calibration file exists."""
+    if kind == "finding":
+        size = math.exp(-((feats["spread"] / 0.75) ** 2) / 2) * math.exp(-((feats["bias"] / 1.5) ** 2) / 2)
+        return float(np.clip(feats["refound"] * (0.55 + 0.3 * size + 0.15 * feats["iou"]), 0.0, 1.0))
+    if kind == "region":
+        return 0.85 - 0.4 * feats["near_conf_mean"]
+    return 0.5 + 0.4 * feats["ex_conf"] - 0.3 * feats["other_conf"]
+
+
+def predict(kind: str, feats: dict[str, float], cal: Calibration | None = None) -> tuple[float, str]:
+    """P(correct) for one unit and the method that gave it."""
+    cal = cal or load_calibration()
+    if cal is not None and kind in cal.models:
+        return cal.models[kind].prob(feats), "calibrated"
+    return _fallback(kind, feats), "uncalibrated"
+
+
+def score_units(units: list[Unit], cal: Calibration | None = None) -> str:
+    methods = set()
+    for u in units:
+        u.p, m = predict(u.kind, u.features, cal)
+        methods.add(m)
+    return "uncalibrated" if "uncalibrated" in methods else "calibrated"
+
+
+# ------------------------------------------------------------------------------------------ legacy helpers
 def finding_score(r: Remeasure, diameter_mm: float | None) -> float:
-    if r.n == 0:
-        return 0.5
-    spread = r.spread_mm
-    bias = abs(r.mean_mm - diameter_mm) if (diameter_mm and r.diameters) else 0.0
-    size_term = math.exp(-((spread / 0.75) ** 2) / 2) * math.exp(-((bias / 1.5) ** 2) / 2)
-    iou = float(np.mean(r.ious)) if r.ious else 0.0
-    return float(np.clip(r.found_frac * (0.55 + 0.3 * size_term + 0.15 * iou), 0.0, 1.0))
+    """Uncalibrated per-finding score (kept for callers without a calibration)."""
+    return _fallback("finding", finding_features({"diameter_mm": diameter_mm}, r, 20.0))
 
 
 def combine(paraphrase: dict[str, Any], per_finding: dict[str, float], negative_support: float | None) -> float:
-    """Answer-level score: the paraphrase agreement and the weakest findings weigh most."""
+    """Answer-level score without units: the paraphrase agreement and the weakest findings weigh most."""
     parts = [paraphrase.get("agreement", 1.0)]
     weights = [1.0]
     if per_finding:
@@ -204,8 +513,39 @@ def combine(paraphrase: dict[str, Any], per_finding: dict[str, float], negative_
     return float(np.clip(np.average(parts, weights=weights), 0.0, 1.0))
 
 
+def caveat_for(u: Unit) -> str:
+    """What a reader should check for a weak unit (one sentence)."""
+    i = u.info
+    where = f"slice {int(i['slice_index']) + 1}" if i.get("slice_index") is not None else ""
+    if u.kind == "finding":
+        rm = i.get("remeasure", {})
+        if u.features["refound"] < 0.75 or u.features["conf_mean"] < 0.5:
+            return (f"{u.key} ({i.get('region') or 'lung'}{', ' + where if where else ''}) was re-found in only "
+                    f"{rm.get('found', 0)}/{rm.get('n', 0)} perturbed re-measurements: check on the images that it "
+                    "is a nodule and not a vessel, the pleura or noise.")
+        return (f"{u.key}'s size is uncertain (re-measured {rm.get('mean_mm', 0):.1f} ± {rm.get('spread_mm', 0):.1f} mm "
+                f"against {i.get('diameter_mm') or 0:.1f} mm reported): measure it by hand before using it for "
+                "follow-up.")
+    if u.kind == "region":
+        if i.get("candidate_mm"):
+            return (f"No nodule is reported in the {u.key}, but a borderline candidate ({i['candidate_d_mm']:.1f} mm, "
+                    f"{where}, at {i['candidate_mm']} mm) fell just under the detection threshold: look there.")
+        return f"No nodule is reported in the {u.key}; on this scan's noise a small nodule there could be missed."
+    st = i.get("status")
+    if st == "new":
+        return (f"{u.key} is called new, but something is seen at its position on the prior "
+                f"({i.get('prior_position_mm')} mm): compare the two slices side by side.")
+    if st == "resolved":
+        return (f"{u.key} is called resolved, but its expected position in the current study "
+                f"({i.get('expected_mm')} mm) still shows density: check it.")
+    if i.get("delta_mm") is not None:
+        return (f"{u.key} is called {st} from a {i['delta_mm']:+.1f} mm change, close to the 1.5 mm threshold given the "
+                "re-measurement spread: compare the two measurements by hand.")
+    return f"The change status of {u.key} ({st}) is uncertain: compare it with the prior by hand."
+
+
 def explain(v: dict[str, Any]) -> str:
-    """A clinician-facing account of a stored verification."""
+    """A clinician-facing account of a stored verification (no recomputation)."""
     if not v:
         return "This answer was not verified."
     d = v.get("details", {})
@@ -215,9 +555,23 @@ def explain(v: dict[str, Any]) -> str:
     if p and p.get("n"):
         lines.append(f"Re-asked in {p['n']} other wordings: {p.get('same_tools', 0)} chose the same tools and "
                      f"{p.get('same_regions', 0)} the same regions.")
+    s = d.get("sampling")
+    if s and s.get("n"):
+        lines.append(f"The served model, sampled {s['n']} times, gave {s.get('clusters', 0)} distinct readings of the "
+                     f"question (agreement {s.get('agreement', 0):.2f}).")
+    pf = v.get("per_finding") or {}
     for fid, m in (d.get("measurements") or {}).items():
+        rel = f" (P correct {pf[fid]:.2f})" if fid in pf else ""
         lines.append(f"{fid}: re-found in {m['found']}/{m['n']} perturbed re-measurements; diameter "
-                     f"{m['mean_mm']:.1f} mm ± {m['spread_mm']:.1f} mm.")
+                     f"{m['mean_mm']:.1f} mm ± {m['spread_mm']:.1f} mm{rel}.")
+    regions = d.get("regions") or {}
+    if regions:
+        weak = {z: r for z, r in regions.items() if r.get("p", 1.0) < 0.8}
+        lines.append(f"'Nothing else found' was checked in {len(regions)} lung zone(s)"
+                     + (": weakest " + ", ".join(f"{z} ({r['p']:.2f})" for z, r in weak.items()) if weak else
+                        ", all rated high") + ".")
+    for fid, c in (d.get("changes") or {}).items():
+        lines.append(f"{fid} change '{c.get('status')}': P correct {c.get('p', 0):.2f}.")
     if v.get("caveat"):
         lines.append(v["caveat"])
     return " ".join(lines)

@@ -147,6 +147,31 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_list(items: list[str]) -> list[int]:
+    """Seeds as numbers or inclusive ranges ("5000-5011")."""
+    out: list[int] = []
+    for it in items:
+        lo, _, hi = it.partition("-")
+        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return out
+
+
+def cmd_verifier(a: argparse.Namespace) -> int:
+    from tools import verifier_calibrate as vc
+
+    cache = Path(a.cache) if a.cache else None
+    if a.vcmd == "calibrate":
+        cal = vc.calibrate(_seed_list(a.seeds) if a.seeds else vc.CALIBRATION_SEEDS, size=a.size,
+                           out=Path(a.out) if a.out else None, cache_dir=cache)
+        res: dict[str, Any] = {"seeds": cal.seeds, "detector": cal.detector,
+                               "models": {k: {"features": m.features, "n": m.n, "n_wrong": m.n_wrong}
+                                          for k, m in cal.models.items()}, "fit": cal.fit_metrics["all"]}
+    else:
+        res = vc.evaluate(_seed_list(a.seeds) if a.seeds else vc.EVALUATION_SEEDS, size=a.size, cache_dir=cache)
+    sys.stdout.write(json.dumps(res, indent=1, default=str) + "\n")
+    return 0
+
+
 def cmd_report(a: argparse.Namespace) -> int:
     from tools.dicom_io import load_study
     from tools.report_writer import ReportRequest, write_report
@@ -239,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="folder for report.md, report.txt, report.sr.dcm, report.seg.dcm")
     s.add_argument("--json", action="store_true", help="print the report, its files and findings as one JSON object")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("verifier", help="calibrate / evaluate the reliability index on phantom patients")
+    vsub = s.add_subparsers(dest="vcmd", required=True)
+    for name, what in (("calibrate", "fit the calibration (default seeds 5000-5007) and write "
+                                     "tools/verifier_calibration.json"),
+                       ("evaluate", "AUC, ECE and cost on held-out phantoms (default seeds 6000-6005)")):
+        v = vsub.add_parser(name, help=what)
+        v.add_argument("--seeds", nargs="*", help="seeds or ranges, e.g. 5000-5011")
+        v.add_argument("--size", choices=["small", "full"], default="small")
+        v.add_argument("--cache", help="folder to keep per-seed units in (re-used while the detector is unchanged)")
+        if name == "calibrate":
+            v.add_argument("--out", help="write the calibration here instead of the packaged file")
+        v.set_defaults(fn=cmd_verifier)
 
     s = sub.add_parser("bench", help="run the phantom benchmark and print a table")
     s.add_argument("--seeds", type=int, nargs="*", default=[1000, 1001, 1002, 1003])
