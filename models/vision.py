@@ -185,7 +185,8 @@ def render_for_model(series: Series, k: int, window: str = "lung", max_side: int
                     "displayed as acquired.")
     else:
         z = float(series.vox_to_mm([ni / 2.0, nj / 2.0, k])[2])
-        geometry = (f"Axial CT slice {k + 1} of {nk} (z = {z:.1f} mm, slice spacing {float(series.spacing[2]):.2f} mm), "
+        dk = float(series.spacing[2])
+        geometry = (f"Axial CT slice {k + 1} of {nk} (z = {z:.1f} mm, slice spacing {dk:.2f} mm), "
                     f"{w} x {h} pixels (width x height), {di:.3f} x {dj:.3f} mm per pixel, {window} window; "
                     "patient's right on the image's left, anterior at the top.")
     return SentImage(k=k, png=buf.getvalue(), width=w, height=h, flip_x=flip_x, flip_y=flip_y,

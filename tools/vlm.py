@@ -91,7 +91,7 @@ def _save_inputs(images: list[SentImage], evidence_dir: Path | None, what: str) 
     out = []
     evidence_dir.mkdir(parents=True, exist_ok=True)
     for img in images:
-        p = evidence_dir / f"vlm-input-slice{img.k + 1:03d}.png"
+        p = evidence_dir / f"vlm-input-{img.window.split()[0]}-slice{img.k + 1:03d}.png"
         p.write_bytes(img.png)
         out.append(Evidence(kind="image", path=str(p), role="vlm-input",
                             caption=f"Sent to the vision-language model ({what}): {img.geometry}"))
