@@ -302,3 +302,21 @@ def test_a_vlm_without_a_box_format_is_not_asked_for_boxes(tmp_path: Path, phant
             assert bool(findings) == bool(n_requests) and ("Model observations" in summary) == bool(n_requests)
     finally:
         replay.stop()
+
+
+def test_an_answered_visual_question_is_marked_unverified_and_rated_low(tmp_path: Path, phantom_patient: dict,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents.engine import Consultant
+
+    replay = RecordingProxy(reply=lambda body: "No pneumothorax is seen on these slices.")
+    try:
+        vision_env(monkeypatch, replay.url, "replay-vlm", max_images=2)
+        a = Consultant(home_dir=tmp_path).ask("Is there a pneumothorax?", study=phantom_patient["current"])
+    finally:
+        replay.stop()
+    assert a.tools[0] == "vlm" and len(replay.bodies) == 1 and len(image_parts(replay.bodies[0])) == 2
+    assert "No pneumothorax is seen on these slices." in a.answer and "unverified" in a.answer
+    assert "openai:replay-vlm" in a.answer and a.findings == []
+    assert a.reliability.level == "low" and "rests on no measurement" in a.answer
+    inputs = [e for e in a.evidence if e.role == "vlm-input"]
+    assert len(inputs) == 2 and all(Path(e.path).is_file() and "mm per pixel" in e.caption for e in inputs)
