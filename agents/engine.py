@@ -3,7 +3,8 @@
 ``Consultant.ask`` validates and loads the study (clear errors for bad input, before any tool runs),
 finds the prior in the local study store when none is given, runs the consult graph on the thread's
 checkpointed state, and returns the typed :class:`tools.schemas.Answer`. Tool steps are streamed to an
-optional ``on_step`` callback while they run.
+optional ``on_step`` callback while they run. Turns pass a FIFO gate (a bounded number at once, the rest
+in arrival order), and each answered turn is appended to the audit log (no identifiers in clear).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Any
 
 from langchain_core.messages import HumanMessage
 
+from agents.audit import AuditLog
+from agents.gate import FairGate
 from agents.graph import build_graph, sqlite_checkpointer
 from agents.planner import EmbeddedPlanner, Planner
 from models.registry import backend_summary, home, load_config
@@ -50,6 +53,8 @@ class Consultant:
         self.checkpointer = sqlite_checkpointer(self.home / "conversations.sqlite")
         self.graph = build_graph(self.planner, self.checkpointer, self.backend)
         self._lock = threading.Lock()
+        self.gate = FairGate()
+        self.audit = AuditLog(self.home)
 
     def _planner_from_config(self) -> Planner:
         rc = self.config["orchestrator"]
@@ -87,7 +92,7 @@ class Consultant:
     def ask(self, question: str, study: str | Path | None = None, prior: str | Path | None = None,
             thread_id: str | None = None, box_mm: list[float] | None = None,
             clinical: dict[str, Any] | None = None,
-            on_step: Callable[[dict[str, Any]], None] | None = None) -> Answer:
+            on_step: Callable[[dict[str, Any]], None] | None = None, user: str | None = None) -> Answer:
         question = (question or "").strip()
         if not question:
             raise StudyError("Please type a question.")
@@ -119,15 +124,35 @@ class Consultant:
             "request": {"box_mm": box_mm, "clinical": clinical or {}, "evidence_dir": str(evidence_dir)},
         }
         final: dict[str, Any] = {}
-        for mode, chunk in self.graph.stream(inputs, config, stream_mode=["custom", "values"]):
-            if mode == "custom" and on_step is not None:
+
+        def step(event: dict[str, Any]) -> None:
+            if on_step is not None:
                 try:
-                    on_step(chunk)
+                    on_step(event)
                 except Exception:  # noqa: BLE001 - a UI callback must not break the turn
                     log.exception("step callback failed")
-            elif mode == "values":
-                final = chunk
-        return Answer(**final["answer"])
+
+        with self.gate.slot(on_wait=lambda n: step({"event": "queued", "position": n})):
+            for mode, chunk in self.graph.stream(inputs, config, stream_mode=["custom", "values"]):
+                if mode == "custom":
+                    step(chunk)
+                elif mode == "values":
+                    final = chunk
+        answer = Answer(**final["answer"])
+        self._audit(answer, question, user, thread_id, turn, study_ref, prior_ref)
+        return answer
+
+    def _audit(self, answer: Answer, question: str, user: str | None, thread_id: str, turn: int,
+               study_ref: dict[str, Any] | None, prior_ref: dict[str, Any] | None) -> None:
+        try:
+            self.audit.record_turn(
+                user=user, thread_id=thread_id, turn=turn, question=question,
+                study_uid=(study_ref or {}).get("study_uid"), prior_uid=(prior_ref or {}).get("study_uid"),
+                tools=answer.tools, models=answer.backend, evidence=[e.path for e in answer.evidence],
+                reliability=answer.reliability.level if answer.reliability else None, answer=answer.answer,
+                n_findings=len(answer.findings))
+        except OSError as exc:  # the answer stands; the failure is loud in the log
+            log.error("audit log write failed (%s): turn %d of thread %s is not audited", exc, turn, thread_id)
 
     def history(self, thread_id: str) -> list[dict[str, Any]]:
         snap = self.graph.get_state({"configurable": {"thread_id": thread_id}})

@@ -13,6 +13,11 @@ environment (``RADASSIST_<ROLE>_BACKEND``, ``_MODEL``, ``_URL``, ``_API_KEY``, `
 
     orchestrator: {backend: openai, model: Qwen/Qwen2.5-7B-Instruct, url: http://gpu1:8000/v1}
     vision: {backend: openai, model: Qwen/Qwen2.5-VL-7B-Instruct, url: http://gpu2:8000/v1, box: pixels}
+
+Patient data: every request to an ``openai`` endpoint is scrubbed of the loaded studies' identifiers
+(``deidentify: true``, the default; ``scrub_uids: true`` also replaces UIDs; environment
+``RADASSIST_<ROLE>_DEIDENTIFY``). A site that must send identifiers to a trusted endpoint sets
+``deidentify: false`` for that role only.
 """
 from __future__ import annotations
 
@@ -52,7 +57,9 @@ class RoleConfig:
     timeout_s: float = 30.0
     retries: int = 2
     max_images: int = 4
-    send_identifiers: bool = False  # patient identifiers never leave unless a site turns this on
+    send_identifiers: bool = False  # legacy spelling of deidentify: false
+    deidentify: bool = True  # scrub patient identifiers from every request to this endpoint (tools/deid.py)
+    scrub_uids: bool = True  # and the studies' UIDs too
     extra: dict[str, Any] = field(default_factory=dict)
 
     def label(self) -> str:
@@ -75,6 +82,15 @@ def home() -> Path:
     p = Path(os.environ.get("RADASSIST_HOME", Path.home() / ".radassist"))
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def _as_bool(role: str, key: str, v: Any) -> bool:
+    t = str(v).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"Model role '{role}': {key} must be true or false, not {v!r}.")
 
 
 def load_config(path: str | Path | None = None) -> dict[str, RoleConfig]:
@@ -100,6 +116,14 @@ def load_config(path: str | Path | None = None) -> dict[str, RoleConfig]:
                     vals[key] = cast(vals[key])
                 except (TypeError, ValueError) as exc:
                     raise ConfigError(f"Model role '{role}': {key} must be a number, not {vals[key]!r}.") from exc
+        for key in ("deidentify", "scrub_uids", "send_identifiers"):
+            env = os.environ.get(f"RADASSIST_{role.upper()}_{key.upper()}")
+            if env is not None:
+                vals[key] = env
+            if key in vals and not isinstance(vals[key], bool):
+                vals[key] = _as_bool(role, key, vals[key])
+        if vals.get("send_identifiers"):
+            vals["deidentify"] = False
         known = {k: v for k, v in vals.items() if k in RoleConfig.__dataclass_fields__ and k != "role"}
         extra = {k: v for k, v in vals.items() if k not in RoleConfig.__dataclass_fields__}
         rc = RoleConfig(role=role, extra=extra, **known)

@@ -64,7 +64,8 @@ _UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfRefe
 
 #: PS3.15 Table E.1-1 attributes with action X/Z/D on free text that dicognito leaves alone; removed here.
 BASIC_PROFILE_TEXT = (
-    "PatientComments", "StudyComments", "ImageComments", "AdditionalPatientHistory",
+    "PatientComments", "StudyComments", "ImageComments", "AdditionalPatientHistory", "StudyDescription",
+    "SeriesDescription", "AdmittingDiagnosesDescription",
     "RequestedProcedureComments", "RequestedProcedureDescription", "ReasonForStudy",
     "InterpretationText", "InterpretationDiagnosisDescription", "ImagingServiceRequestComments",
     "PerformedProcedureStepDescription", "ScheduledProcedureStepDescription", "DerivationDescription",

@@ -321,17 +321,38 @@ class Scan:
     dicomdirs: list[Path] = field(default_factory=list)
 
 
+def _damaged_header(p: Path, exc: BaseException) -> StudyError:
+    return StudyError(
+        f"'{p.name}' is a DICOM file but its header is damaged or truncated ({type(exc).__name__}). "
+        "Copy or export it again from the PACS."
+    )
+
+
+def _materialize(ds: Dataset) -> Dataset:
+    """Convert every element now (pydicom parses lazily): a damaged element fails here, not deep in the loader."""
+    for _ in ds.iterall():
+        pass
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        for _ in meta.iterall():
+            pass
+    return ds
+
+
 def _read_header(p: Path) -> Dataset | None:
     """Header of a DICOM file; None when it is not DICOM; StudyError when it is DICOM but broken."""
     if _looks_dicom_preamble(p):
         try:
-            return pydicom.dcmread(p, stop_before_pixels=True)
+            return _materialize(pydicom.dcmread(p, stop_before_pixels=True))
         except Exception as exc:  # noqa: BLE001
-            raise StudyError(
-                f"'{p.name}' is a DICOM file but its header is damaged or truncated ({type(exc).__name__}). "
-                "Copy or export it again from the PACS."
-            ) from exc
-    return _parse_raw_dataset(p)
+            raise _damaged_header(p, exc) from exc
+    ds = _parse_raw_dataset(p)
+    if ds is not None:
+        try:
+            _materialize(ds)
+        except Exception as exc:  # noqa: BLE001
+            raise _damaged_header(p, exc) from exc
+    return ds
 
 
 def scan_files(paths: Iterable[Path]) -> Scan:
