@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import tempfile
 import time
@@ -247,13 +248,57 @@ def load_check(ns: list[int], size: str, workdir: Path, turns: int = 2) -> list[
                 th.start()
             for th in threads:
                 th.join(timeout=900)
+            from tools.cache import CACHE
+
+            cs = CACHE.stats()
             rows.append({"n": n, "turns": n * turns, "errors": len(errors), "wall_s": time.perf_counter() - t_start,
                          "p50_s": float(np.percentile(lat, 50)) if lat else float("nan"),
                          "p95_s": float(np.percentile(lat, 95)) if lat else float("nan"),
-                         "rss_mb": _peak_mb()})
+                         "rss_mb": _peak_mb(), "cache_cap_mb": cs["max_bytes"] / 1024**2,
+                         "cache_peak_mb": cs["peak_bytes"] / 1024**2, "evictions": cs["evictions"],
+                         "gate_peak_active": c.gate.peak_active, "gate_peak_waiting": c.gate.peak_waiting})
     finally:
         demo.close()
     return rows
+
+
+def deid_leak_scan(workdir: Path, size: str) -> dict[str, Any]:
+    """An embedded session (detector, comparer, report) on a phantom with DEBUG logging to a file: count the
+    phantom's identifiers in the log, the audit log, and the scrubbed form of what a served model would get."""
+    from agents.engine import Consultant
+    from tools.deid import install_log_scrubber, scrub_payload
+    from tools.phantom import write_patient
+
+    pdir = workdir / "deid_patient"
+    truth = write_patient(pdir, seed=4343, size=size)
+    import pydicom
+
+    ds = pydicom.dcmread(next((pdir / "current").glob("*.dcm")), stop_before_pixels=True)
+    name = str(ds.PatientName)
+    ids = [w for w in name.replace("^", " ").split() if len(w) > 2] + [str(ds.PatientID), str(ds.PatientBirthDate),
+                                                                        str(ds.AccessionNumber)]
+    install_log_scrubber()
+    logf = workdir / "deid_session.log"
+    h = logging.FileHandler(logf)
+    root = logging.getLogger()
+    old = root.level
+    root.addHandler(h)
+    root.setLevel(logging.DEBUG)
+    try:
+        c = Consultant(home_dir=workdir / "deid_home")
+        a = c.ask("Show me all pulmonary nodules", study=pdir / "current", prior=pdir / "prior")
+        b = c.ask("compare with the prior", thread_id=a.thread_id)
+        r = c.ask(f"write the report for {name.replace('^', ' ')} ({ds.PatientID})", thread_id=a.thread_id)
+    finally:
+        root.removeHandler(h)
+        root.setLevel(old)
+        h.close()
+    outgoing = json.dumps(scrub_payload({"messages": [{"role": "user", "content": x.answer} for x in (a, b, r)]
+                                         + [{"role": "user", "content": f"{name} {ds.PatientID}"}]}))
+    texts = {"log": logf.read_text(), "audit": c.audit.path.read_text(), "request": outgoing}
+    leaks = {k: sum(v.lower().count(i.lower()) for i in ids) for k, v in texts.items()}
+    return {"patient": truth.get("patient_id"), "log_lines": texts["log"].count("\n"),
+            "audit_lines": texts["audit"].count("\n"), "leaks": leaks, "audit_chain_ok": c.audit.verify()}
 
 
 def verifier_rows(seeds: list[int] | None, size: str) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
@@ -288,7 +333,8 @@ def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-ou
     out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []
     results: dict[str, Any] = {}
-    want = set(only or ["detector", "comparer", "routing", "turn", "prognosis", "load", "scale", "verifier"])
+    want = set(only or ["detector", "comparer", "routing", "turn", "prognosis", "load", "scale", "verifier", "fuzz",
+                        "deid"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "routing" in want:
@@ -369,7 +415,25 @@ def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-ou
             for r in lrows:
                 rows.append(("load", f"{r['n']} concurrent clinicians ({r['turns']} turns)",
                              f"errors {r['errors']}, p50 {r['p50_s']:.1f} s, p95 {r['p95_s']:.1f} s, "
-                             f"peak RSS {r['rss_mb']:.0f} MB"))
+                             f"peak RSS {r['rss_mb']:.0f} MB; cache peak {r['cache_peak_mb']:.0f} of "
+                             f"{r['cache_cap_mb']:.0f} MB cap, {r['evictions']} evictions; "
+                             f"{r['gate_peak_active']} turns at once"))
+        if "fuzz" in want:
+            from agents.fuzz import run_fuzz
+
+            n_fuzz = int(os.environ.get("RADASSIST_BENCH_FUZZ", "2000"))
+            fz = run_fuzz(n_fuzz, seed=None, cli_every=5)
+            results["fuzz"] = {**fz.summary(), "crash_list": fz.crashes[:50], "hang_list": fz.hangs}
+            rows.append(("security", "fuzzed loader + CLI import inputs (random, hypothesis)",
+                         f"{fz.inputs} inputs ({fz.via_cli} via the CLI), {len(fz.crashes)} crashes, {len(fz.hangs)} "
+                         f"hangs, {fz.rejected} refused with a message, slowest {fz.max_input_s:.1f} s"))
+        if "deid" in want:
+            dl = deid_leak_scan(work, size)
+            results["deid"] = dl
+            rows.append(("security", "identifiers in logs / audit / outgoing text (3-turn session)",
+                         f"{dl['leaks']['log']} / {dl['leaks']['audit']} / {dl['leaks']['request']} "
+                         f"({dl['log_lines']} DEBUG log lines, {dl['audit_lines']} audit lines, chain "
+                         f"{'intact' if dl['audit_chain_ok'] else 'BROKEN'})"))
     (out / "bench.json").write_text(json.dumps(results, indent=2, default=str))
     w = max(len(r[1]) for r in rows) if rows else 10
     lines = [f"radassist bench — seeds {seeds}, size {size}", f"{'area':10} {'metric':{w}} value",

@@ -78,6 +78,7 @@ BASIC_PROFILE_TEXT = (
     "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers", "DeviceSerialNumber",
 )
 _MIN_NAME_PART = 2
+_ALNUM = re.compile(r"[0-9A-Za-z]")
 _MIN_ID = 3
 
 
@@ -186,7 +187,7 @@ def _patterns(ids: Identifiers, uids: bool) -> list[tuple[str, str]]:
 
     def lit(s: str, kind: str, min_len: int) -> None:
         s = s.strip()
-        if len(s) >= min_len:
+        if len(s) >= min_len and _ALNUM.search(s):  # "^^" or "--" identify nobody
             items.append((s, PLACEHOLDERS[kind]))
 
     for pn in ids.patient_names:

@@ -537,7 +537,8 @@ def point_to_box_mm(series: Any, k: int, x: float, y: float, half_mm: float = PO
 
 
 def run_turn(consultant: Consultant, question: str, study: str | None, prior: str | None,
-             thread_id: str, box_mm: list[float] | None = None) -> Iterator[tuple[str, Any]]:
+             thread_id: str, box_mm: list[float] | None = None, user: str | None = None
+             ) -> Iterator[tuple[str, Any]]:
     """Run ``consultant.ask`` in a worker thread; yield ("step", event) as tool steps arrive, then
     ("answer", Answer) or ("error", exception)."""
     events: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -545,7 +546,7 @@ def run_turn(consultant: Consultant, question: str, study: str | None, prior: st
     def work() -> None:
         try:
             ans = consultant.ask(question, study=study, prior=prior, thread_id=thread_id, box_mm=box_mm,
-                                 on_step=lambda ev: events.put(("step", ev)))
+                                 on_step=lambda ev: events.put(("step", ev)), user=user)
             events.put(("answer", ans))
         except Exception as exc:  # noqa: BLE001 - reported to the clinician, logged below
             events.put(("error", exc))
@@ -892,7 +893,8 @@ class App:
             return
         open_steps: dict[str, list[int]] = {}
         t0 = time.monotonic()
-        for kind, payload in run_turn(self.c, message, study, prior_path, thread_id, box_mm=box_mm):
+        for kind, payload in run_turn(self.c, message, study, prior_path, thread_id, box_mm=box_mm,
+                                      user=user_of(request)):
             if kind == "step":
                 ev = payload
                 if ev.get("event") == "plan":
@@ -995,7 +997,8 @@ class App:
         if replaced:
             raise gr.Error("That conversation belongs to another user.")
         try:
-            ans = self.c.ask(question, study=self.study_path(study_uid or None), thread_id=tid)
+            ans = self.c.ask(question, study=self.study_path(study_uid or None), thread_id=tid,
+                             user=user_of(request))
         except RadAssistError as exc:
             raise gr.Error(str(exc)) from exc
         return ans.model_dump(mode="json")
@@ -1250,6 +1253,9 @@ def launch_demo(host: str = "127.0.0.1", port: int = 7860, auth_file: str | Path
         raise ConfigError(f"Refusing to serve on {host} without sign-in: beyond localhost the demo needs a users "
                           "file (--auth users.txt with user:sha256-of-password lines).")
     auth = make_auth(auth_file) if auth_file else None
+    from tools.deid import install_log_scrubber
+
+    install_log_scrubber()
     if consultant is None:
         from agents.engine import Consultant
 

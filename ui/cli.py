@@ -162,12 +162,13 @@ def cmd_verifier(a: argparse.Namespace) -> int:
     cache = Path(a.cache) if a.cache else None
     if a.vcmd == "calibrate":
         cal = vc.calibrate(_seed_list(a.seeds) if a.seeds else vc.CALIBRATION_SEEDS, size=a.size,
-                           out=Path(a.out) if a.out else None, cache_dir=cache)
+                           out=Path(a.out) if a.out else None, cache_dir=cache, reuse_any=a.reuse_any)
         res: dict[str, Any] = {"seeds": cal.seeds, "detector": cal.detector,
                                "models": {k: {"features": m.features, "n": m.n, "n_wrong": m.n_wrong}
                                           for k, m in cal.models.items()}, "fit": cal.fit_metrics["all"]}
     else:
-        res = vc.evaluate(_seed_list(a.seeds) if a.seeds else vc.EVALUATION_SEEDS, size=a.size, cache_dir=cache)
+        res = vc.evaluate(_seed_list(a.seeds) if a.seeds else vc.EVALUATION_SEEDS, size=a.size, cache_dir=cache,
+                          reuse_any=a.reuse_any)
     sys.stdout.write(json.dumps(res, indent=1, default=str) + "\n")
     return 0
 
@@ -189,6 +190,17 @@ def cmd_report(a: argparse.Namespace) -> int:
         for path in res.report.files.values():
             sys.stdout.write(f"{path}\n")
     return 0
+
+
+def cmd_deid(a: argparse.Namespace) -> int:
+    from tools.deid import deidentify_files
+
+    rep = deidentify_files(a.source, a.out, seed=a.seed)
+    for why in rep.refused:
+        sys.stderr.write(f"radassist: not exported: {why}\n")
+    sys.stdout.write(f"wrote {rep.written} de-identified file(s) to {rep.out_dir} (PS3.15 basic profile); "
+                     f"{len(rep.refused)} refused, {rep.skipped} non-DICOM skipped\n")
+    return 0 if rep.written else 2
 
 
 def quiet_third_party() -> None:
@@ -227,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("import", help="import DICOM studies into the local study store")
     s.add_argument("paths", nargs="+")
     s.set_defaults(fn=cmd_import)
+
+    s = sub.add_parser("deid", help="research export: a de-identified copy of DICOM files (PS3.15 basic profile)")
+    s.add_argument("source", help="DICOM folder, zip or file")
+    s.add_argument("out", help="folder for the de-identified files")
+    s.add_argument("--seed", help="pseudonymisation seed (same seed, same pseudonyms and date shift)")
+    s.set_defaults(fn=cmd_deid)
 
     s = sub.add_parser("studies", help="list the studies in the local store")
     s.set_defaults(fn=cmd_studies)
@@ -274,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("--seeds", nargs="*", help="seeds or ranges, e.g. 5000-5011")
         v.add_argument("--size", choices=["small", "full"], default="small")
         v.add_argument("--cache", help="folder to keep per-seed units in (re-used while the detector is unchanged)")
+        v.add_argument("--reuse-any", action="store_true",
+                       help="re-use cached units even from an earlier detector version (each seed records its own)")
         if name == "calibrate":
             v.add_argument("--out", help="write the calibration here instead of the packaged file")
         v.set_defaults(fn=cmd_verifier)
@@ -294,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     quiet_third_party()
+    from tools.deid import install_log_scrubber
+
+    install_log_scrubber()  # no identifier of a loaded study ever reaches a log line
     try:
         return int(args.fn(args) or 0)
     except RadAssistError as exc:
