@@ -273,6 +273,11 @@ def zones_for(regions: list[str]) -> list[str]:
     return [z for z in LUNG_ZONES if any(vocab.contains(r, z) for r in regions)]
 
 
+def zone_features(zone: str) -> dict[str, float]:
+    """What the zone itself says: the middle zones hold the hila, whose crowded vessels hide juxtavascular nodules."""
+    return {"middle": float(zone.endswith("middle zone"))}
+
+
 def region_units(series: Series, analysis: Any, reported: list[dict[str, Any]], zones: list[str],
                  noise: float, seed: int = 0) -> list[Unit]:
     """One "nothing (else) here" unit per zone, from the best sub-threshold candidate there."""
@@ -280,24 +285,30 @@ def region_units(series: Series, analysis: Any, reported: list[dict[str, Any]], 
 
     reported_c = [np.asarray(f["center_mm"], float) for f in reported if f.get("center_mm")]
     near: dict[str, tuple[float, dict[str, Any]]] = {}
+    compact: dict[str, float] = {}  # largest unreported compact, dense blob per zone, whatever its score
     for c in getattr(analysis, "candidates", []) or []:
         seg = c["seg"]
         conf = float(c["conf"])
         if conf >= MIN_CONFIDENCE and seg["mean_d"] >= MIN_DIAMETER_MM:
             continue  # reported
-        if seg["mean_d"] < MIN_REFOUND_MM or conf <= 0.0:
+        if seg["mean_d"] < MIN_REFOUND_MM:
             continue
         cmm = series.vox_to_mm(seg["center_ijk"])
         if any(np.linalg.norm(cmm - rc) < 5.0 for rc in reported_c):
             continue
         z = _zone_of_candidate(analysis.anatomy, seg, series)
-        if z in zones and (z not in near or conf > near[z][0]):
+        if z not in zones:
+            continue
+        if seg.get("elong", 9.0) < 2.0 and seg.get("contrast", 0.0) >= 150.0:
+            compact[z] = max(compact.get(z, 0.0), min(float(seg["mean_d"]), 30.0) / 10.0)
+        if conf > 0.0 and (z not in near or conf > near[z][0]):
             near[z] = (conf, seg)
     units: list[Unit] = []
     for z in zones:
         n_rep = sum(1 for f in reported if f.get("region") == z)
         feats = {"near_conf": 0.0, "near_refound": 0.0, "near_conf_mean": 0.0, "near_d": 0.0, "near_pleural": 0.0,
-                 "n_reported": float(min(n_rep, 3)), "noise": noise / 30.0}
+                 "n_reported": float(min(n_rep, 3)), "noise": noise / 30.0, "compact_d": compact.get(z, 0.0),
+                 **zone_features(z)}
         info: dict[str, Any] = {"zone": z}
         if z in near:
             conf, seg = near[z]
@@ -349,7 +360,7 @@ def change_units(series: Series, prior: Series, prior_to_current: list[list[floa
         status = ch.get("status")
         feats = {"is_new": float(status == "new"), "is_resolved": float(status == "resolved"),
                  "margin": 0.0, "pair_spread": 0.0, "other_conf": 0.0, "other_refound": 0.0, "ex_refound": 0.0,
-                 "ex_conf": 0.0}
+                 "ex_conf": 0.0, "prior_refound": 0.0, "prior_conf": 0.0}
         info: dict[str, Any] = {"status": status, "region": f.get("region")}
         if status == "resolved" and ch.get("prior_center_mm"):
             pf = {"center_mm": ch["prior_center_mm"], "diameter_mm": ch.get("prior_diameter_mm"), "notes": []}
@@ -378,7 +389,8 @@ def change_units(series: Series, prior: Series, prior_to_current: list[list[floa
                                        n=N_SECOND, seed=stable_seed(f["id"], "prior"))
                 delta = float(f.get("diameter_mm") or 0.0) - float(ch["prior_diameter_mm"])
                 spread = math.hypot(u.features["spread"], min(rp.spread_mm, 5.0))
-                feats.update(margin=min(abs(abs(delta) - GROWTH_MM), 5.0), pair_spread=spread)
+                feats.update(margin=min(abs(abs(delta) - GROWTH_MM), 5.0), pair_spread=spread,
+                             prior_refound=rp.found_frac, prior_conf=rp.conf_mean)
                 info.update(delta_mm=round(delta, 2), prior_remeasure=rp.to_dict())
         units.append(Unit("change", f["id"], feats, info))
     return units
@@ -410,7 +422,8 @@ CALIBRATION_VERSION = 1
 MONOTONE: dict[str, dict[str, int]] = {
     "finding": {"refound": 1, "conf_mean": 1, "iou": 1, "spread": -1, "bias": -1, "det_conf": 1},
     "region": {"near_conf": -1, "near_refound": -1, "near_conf_mean": -1},
-    "change": {"margin": 1, "pair_spread": -1, "other_conf": -1, "other_refound": -1, "ex_refound": 1, "ex_conf": 1},
+    "change": {"margin": 1, "pair_spread": -1, "other_conf": -1, "other_refound": -1, "ex_refound": 1, "ex_conf": 1,
+               "prior_refound": 1, "prior_conf": 1},
 }
 
 

@@ -136,17 +136,28 @@ def collect(seed: int, size: str = "small", workdir: Path | None = None) -> dict
                                             "change_s": change_s}}
 
 
-def collect_many(seeds: list[int], size: str = "small", cache_dir: Path | None = None) -> list[dict[str, Any]]:
-    """``collect`` for each seed; with ``cache_dir``, a seed already collected for this detector is reused."""
+def collect_many(seeds: list[int], size: str = "small", cache_dir: Path | None = None,
+                 reuse_any: bool = False) -> list[dict[str, Any]]:
+    """``collect`` for each seed; with ``cache_dir``, a seed already collected for this detector is reused
+    (``reuse_any``: the newest collection of any detector version; each record names its own)."""
     out = []
     fp = detector_fingerprint()
     for seed in seeds:
         path = cache_dir / f"units-{size}-{seed}-{fp}.json" if cache_dir else None
+        if cache_dir is not None and reuse_any and (path is None or not path.exists()):
+            older = sorted(cache_dir.glob(f"units-{size}-{seed}-*.json"), key=lambda p: p.stat().st_mtime)
+            path = older[-1] if older else path
         if path is not None and path.exists():
-            out.append(json.loads(path.read_text()))
+            rec = json.loads(path.read_text())
+            rec.setdefault("detector", path.stem.rsplit("-", 1)[-1])
+            for u in rec["units"]:  # units cached before a zone feature existed get it from their key
+                if u["kind"] == "region":
+                    u["features"] = {**verifier.zone_features(u["key"]), **u["features"]}
+            out.append(rec)
             continue
         t0 = time.perf_counter()
         rec = collect(seed, size)
+        rec["detector"] = fp
         log.info("verifier units for seed %d: %d units, %d wrong, %.0f s", seed, len(rec["units"]),
                  sum(1 for u in rec["units"] if not u["correct"]), time.perf_counter() - t0)
         if path is not None:
@@ -194,7 +205,7 @@ def fit(records: list[dict[str, Any]], size: str, command: str) -> verifier.Cali
         models[kind] = _fit_kind(kind, X, y, names)
     cal = verifier.Calibration(version=verifier.CALIBRATION_VERSION, created=dt.date.today().isoformat(),
                                command=command, size=size, seeds=sorted({r["seed"] for r in records}),
-                               detector=detector_fingerprint(), models=models)
+                               detector=",".join(sorted({r.get("detector", "?") for r in records})), models=models)
     cal.fit_metrics = metrics(records, cal)
     return cal
 
@@ -245,13 +256,13 @@ def metrics(records: list[dict[str, Any]], cal: verifier.Calibration | None = No
     return res
 
 
-def calibrate(seeds: list[int], size: str = "small", out: Path | None = None, cache_dir: Path | None = None
-              ) -> verifier.Calibration:
+def calibrate(seeds: list[int], size: str = "small", out: Path | None = None, cache_dir: Path | None = None,
+              reuse_any: bool = False) -> verifier.Calibration:
     """Collect units on ``seeds``, fit, and write the calibration JSON (default: the packaged file)."""
     overlap = set(seeds) & set(EVALUATION_SEEDS)
     if overlap:
         raise ValueError(f"calibration seeds {sorted(overlap)} are evaluation seeds; pick others (5000+).")
-    records = collect_many(seeds, size, cache_dir)
+    records = collect_many(seeds, size, cache_dir, reuse_any)
     cmd = f"radassist verifier calibrate --seeds {seeds[0]}-{seeds[-1]} --size {size}"
     cal = fit(records, size, cmd)
     path = Path(out or verifier.CALIBRATION_PATH)
@@ -261,12 +272,15 @@ def calibrate(seeds: list[int], size: str = "small", out: Path | None = None, ca
     return cal
 
 
-def evaluate(seeds: list[int], size: str = "small", cache_dir: Path | None = None) -> dict[str, Any]:
+def evaluate(seeds: list[int], size: str = "small", cache_dir: Path | None = None,
+             reuse_any: bool = False) -> dict[str, Any]:
     cal = verifier.load_calibration()
     if cal is not None and set(seeds) & set(cal.seeds):
         raise ValueError("evaluation seeds overlap the calibration seeds; pick held-out seeds (6000+).")
-    res = metrics(collect_many(seeds, size, cache_dir), cal)
+    records = collect_many(seeds, size, cache_dir, reuse_any)
+    res = metrics(records, cal)
     res["seeds"] = list(seeds)
     res["calibration"] = {"seeds": cal.seeds if cal else [], "detector": cal.detector if cal else None,
-                          "detector_now": detector_fingerprint()}
+                          "detector_now": detector_fingerprint(),
+                          "evaluated_on": sorted({r.get("detector", "?") for r in records})}
     return res
