@@ -165,6 +165,17 @@ def test_gigantic_dimensions_refused_before_allocating(tmp_path: Path, attrs: di
     assert peak < 64 * 1024**2, f"{peak / 1024**2:.0f} MiB allocated before refusing"
 
 
+def test_damaged_value_representation_is_a_clear_error(tmp_path: Path) -> None:
+    """Found by the fuzzer: pydicom parses lazily, so a damaged VR raised NotImplementedError deep in the loader."""
+    data = _testfile("CT_small.dcm").read_bytes()
+    tag = b"\x20\x00\x37\x00DS"  # ImageOrientationPatient, explicit VR
+    assert tag in data
+    f = tmp_path / "badvr.dcm"
+    f.write_bytes(data.replace(tag, b"\x20\x00\x37\x00\x44\x96", 1))
+    with pytest.raises(StudyError, match=r"header is damaged or truncated"):
+        load_study(f)
+
+
 def test_rescale_overflow_is_refused(tmp_path: Path) -> None:
     """Found by the fuzzer: RescaleSlope 1e308 overflowed float32 into inf pixels that reached the tools."""
     with pytest.raises(StudyError, match=r"out of range \(overflow\)"):
