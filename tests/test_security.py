@@ -347,8 +347,11 @@ def test_full_served_session_leaks_nothing(recording_proxy: _Recorder, hostile_p
                 assert any(s <= hit.start() < e for s, e in spans), f"unfenced hostile text in a {m['role']} message"
             if m["role"] == "system":
                 assert MARK not in content
-    # ... and changed nothing the tools do: no prognosis was run, findings are the study's own
-    assert "prognosis" not in [t for a in answers[:3] for t in a.tools]
+    # ... and changed nothing the tools do: the first plan was made before any answer existed, from a prompt without
+    # any header text at all (so the header cannot have chosen the tools; which tools the small model picks is its
+    # own judgement, not tested); whatever ran worked on this patient's own studies only
+    first_plan = json.loads(posts[0]["body"])
+    assert MARK not in json.dumps(first_plan) and "response_format" in first_plan
     own = {a1.findings[0].study_uid} if a1.findings else set()
     st_a = load_study(hostile_patient["current"])
     st_prior = load_study(hostile_patient["prior"])
