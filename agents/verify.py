@@ -34,6 +34,7 @@ UNMEASURED_SUPPORT = 0.6  # lesion findings that were not re-measured (radiograp
 UNVERIFIED_CAP = 0.45  # an answer resting on a vision-language model's words (tool output "unverified")
 MAX_REMEASURED = 6  # findings re-measured per answer (largest first): keeps the verifier's cost bounded
 SAMPLE_TEMPERATURE = 0.8
+SAMPLE_TIMEOUT_S = 20.0
 SAME_MEANING = 0.9  # cosine of MiniLM sentence vectors above which two readings count as one meaning
 LESION_KINDS = ("nodule", "mass", "opacity")
 
@@ -80,20 +81,24 @@ def cluster_by_meaning(texts: list[str], threshold: float = SAME_MEANING) -> lis
 def sampling_consistency(planner: Planner | None, question: str, context: dict[str, Any], plan: dict[str, Any],
                          n: int | None = None) -> dict[str, Any] | None:
     """Semantic agreement of n sampled plans of the served orchestrator with the chosen plan (None if not served)."""
+    from models.openai_backend import OpenAIChatModel
+
     n = int(os.environ.get("RADASSIST_VERIFY_SAMPLES", "3")) if n is None else n
     model = getattr(planner, "model", None)
-    if n <= 0 or model is None or not hasattr(model, "model_copy"):
-        return None
+    if n <= 0 or not isinstance(model, OpenAIChatModel):
+        return None  # only a served orchestrator is sampled
     if any("did not" in note for note in plan.get("notes") or []):
         return None  # the served model did not answer this turn: nothing to sample
     hot = planner.__class__.__new__(planner.__class__)  # same planner, hotter model
     hot.__dict__.update(planner.__dict__)
-    hot.model = model.model_copy(update={"temperature": SAMPLE_TEMPERATURE})
+    # cheap: short timeout, no retries; the first failed call ends the sampling (a failed call is no sample)
+    hot.model = model.model_copy(update={"temperature": SAMPLE_TEMPERATURE, "retries": 0,
+                                         "timeout_s": min(float(model.timeout_s), SAMPLE_TIMEOUT_S)})
     samples: list[str] = []
     for _ in range(n):
         p = hot.plan(question, context, []).to_dict()
         if any("did not" in note for note in p.get("notes") or []):
-            continue  # a failed call is no sample
+            break
         samples.append(plan_sentence(p))
     if not samples:
         return None

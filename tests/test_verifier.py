@@ -174,7 +174,7 @@ def test_cluster_by_meaning_on_minilm() -> None:
     assert cluster_by_meaning([a, a, b, a]) == [0, 0, 1, 0]
 
 
-def test_sampling_consistency_on_a_real_served_model() -> None:
+def test_sampling_consistency_on_a_real_served_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Plans sampled from a real llama.cpp server (SmolLM2), clustered by meaning (a sample whose call
     fails on a loaded machine is left out, never counted as agreement)."""
     from test_served import ALIAS, Server
@@ -183,10 +183,13 @@ def test_sampling_consistency_on_a_real_served_model() -> None:
     from agents.verify import sampling_consistency
     from models.openai_backend import OpenAIChatModel
 
+    import agents.verify
+
+    monkeypatch.setattr(agents.verify, "SAMPLE_TIMEOUT_S", 120.0)  # two shared cores: give the small model time
     srv = Server()
     srv.start()
     try:
-        planner = StructuredOutputPlanner(OpenAIChatModel(base_url=srv.url, model=ALIAS, timeout_s=60), label=ALIAS)
+        planner = StructuredOutputPlanner(OpenAIChatModel(base_url=srv.url, model=ALIAS, timeout_s=120), label=ALIAS)
         q = "Show me all pulmonary nodules"
         plan = planner.plan(q, {}, []).to_dict()
         s = sampling_consistency(planner, q, {}, plan, n=2)
