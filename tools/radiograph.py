@@ -22,15 +22,17 @@ inverted by :mod:`tools.dicom_io`, so bone and soft tissue are bright and the lu
    the left heart border) / the largest distance on one row between the fields' lateral borders.
 4. *Costophrenic angles*: the infero-lateral corner of each field; the angle between lines fitted
    to the lateral border above it and to the diaphragm contour medial to it (sharp < ``CP_BLUNT_DEG``).
-5. *Rounded opacities*: a rotating line-opening top-hat (the working image minus its largest grey
-   opening by a 35 mm line over 12 orientations; 90 mm for masses) keeps what is shorter than the
-   line in every direction (blobs) and flattens ribs, vessels and edges; scale-normalised LoG peaks
-   of that residual inside the (slightly dilated) fields are candidates. Each is segmented (30 % of
-   its contrast on the residual, re-measured at half maximum on the film when that agrees, both
-   corrected for a projected sphere's profile) and scored: contrast in RMS units of the residual
-   in the lungs, a ring test on the film (darker than the core all around: not a rib crossing or
-   a vessel), elongation and solidity, size, and position (rib ends crowd the lateral border).
-   Long/short axis and their mean are reported in mm when the pixel spacing is known, else pixels.
+5. *Rounded opacities*: at every pixel of the lung fields and for radii from 3 mm up (ratio
+   ``FIT_STEP``), a projected sphere ``A sqrt(1 - d^2/R^2)`` on a sloping local background is fitted by
+   least squares to the *lung pixels only* within ``FIT_WINDOW`` radii (dense, by FFT correlations:
+   :func:`_sphere_fit_maps`), so the bright mediastinum, apex or chest wall next to an opacity neither
+   hides it nor passes for it; local maxima of ``t = A / se(A)`` (the contrast against the local
+   texture) are the candidates. Each is scored by a logistic model (``OPACITY_WEIGHTS``, fitted on DRR
+   seeds 20-29 only): t, contrast over the local and over the lungs' small-scale texture, size, the
+   background-subtracted annulus per angular sector (vessels, ribs and the hilum leave bright sectors or
+   bright surroundings; a nodule's are flat) and elongation. Sizes come from the fitted radius, refined
+   (sub-pixel centre, continuous radius) by least squares on a fixed window. Long/short axis and their
+   mean are reported in mm when the pixel spacing is known, else pixels.
 
 ``run_radiograph_detector(study, req)`` answers the same requests as the CT detector;
 ``compare_radiographs(current, prior)`` registers the prior to the current film (SimpleITK 2-D,
@@ -64,13 +66,24 @@ MIN_OPACITY_MM = 6.0  # smallest opacity reported
 MASS_MM = 30.0
 GROWTH_MM = 1.5
 CP_BLUNT_DEG = 90.0
-MIN_CONFIDENCE = 0.35
+MIN_CONFIDENCE = 0.145  # opacity probability (logistic, below) reported: <= 1 false positive per film on seeds 20-29
 MAX_OPACITIES = 12
 HEART_TOP_FRAC = 0.65  # the heart borders are sought below this fraction of the fields' height
 LINE_MM = 35.0  # line openings: nodules shorter than this in every direction survive
-LINE_MM_MASS = 90.0
-SEG_LEVEL = 0.3  # opacity borders at 30 % of the core's contrast (a projected sphere: ~0.95 R)
-Z_OPACITY = 5.0  # contrast (noise units of the residual) at confidence 0.5 of the contrast term
+MAX_FIT_MM = 45.0  # largest opacity diameter fitted
+FIT_WINDOW = 2.2  # the projected-sphere fit sees lung pixels within this many radii
+FIT_STEP = 1.15  # ratio of successive fitted radii
+FIT_CORE_FRAC = 0.6  # ... and needs this fraction of its disk inside the lung fields
+SIZE_RANGE = (0.6, 1.6)  # sizing: the refined radius stays within these factors of the detected one
+N_SECTORS = 12  # angular sectors of the annulus test
+MAX_PEAKS = 80  # fitted spots scored per film
+# logistic model of "this fitted spot is an opacity" (fitted on the DRR films of seeds 20-29 only; seeds
+# 100-109 held out): t and contrast over the local texture and over the lungs' small-scale texture (the
+# line-opening residual's RMS), size, bright annulus sectors (vessels, ribs, hilum) and elongation
+OPACITY_WEIGHTS = {"log_t": 2.2166, "log_a_noise": 1.5986, "log_a_sigma": 1.7754, "log_d_mm": -0.3932,
+                   "sec_max": 1.7721, "sec_2": -0.802, "sec_mean": -10.9562, "elong": -1.5898}
+OPACITY_BIAS = -12.5255
+REMEASURE_MIN_CONF = 0.07  # a second look at a known position (the prior's opacity, a pointed pixel)
 HYST_LOW = 0.4  # hysteresis: weak threshold as a fraction of the Otsu threshold of the top-hat
 
 SIDES = ("right", "left")
@@ -456,86 +469,6 @@ def _trachea_box(sm: np.ndarray, fields: np.ndarray, mid: int) -> list[int] | No
 # rounded opacities
 
 
-def _ring_profile(img: np.ndarray, r: float, c: float, radius: float, n: int = 24) -> np.ndarray:
-    ang = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    rr = r + radius * np.sin(ang)
-    cc = c + radius * np.cos(ang)
-    return ndi.map_coordinates(img, [rr, cc], order=1, mode="nearest")
-
-
-def _measure_blob(img: np.ndarray, r: float, c: float, radius: float, allowed: np.ndarray | None,
-                  level: float = 0.5) -> dict[str, Any] | None:
-    """Threshold (``level`` of the core's contrast: 0.5 = half maximum) segmentation of the bright blob
-    at (r, c) (working pixels) in an ROI."""
-    h, w = img.shape
-    half = int(math.ceil(4.0 * radius + 6))
-    r0, r1 = max(0, int(r) - half), min(h, int(r) + half + 1)
-    c0, c1 = max(0, int(c) - half), min(w, int(c) + half + 1)
-    roi = img[r0:r1, c0:c1]
-    if roi.shape[0] < 5 or roi.shape[1] < 5:
-        return None
-    yy, xx = np.mgrid[r0:r1, c0:c1]
-    d2 = (yy - r) ** 2 + (xx - c) ** 2
-    inner = d2 <= max(1.5, 0.5 * radius) ** 2
-    ring = (d2 >= (1.5 * radius) ** 2) & (d2 <= (2.3 * radius) ** 2)
-    if allowed is not None:
-        ring &= allowed[r0:r1, c0:c1]
-    if inner.sum() == 0 or ring.sum() < 8:
-        return None
-    core = float(np.percentile(roi[inner], 75))
-    bg = float(np.median(roi[ring]))
-    contrast = core - bg
-    if contrast <= 0:
-        return None
-    obj = roi > bg + level * contrast
-    lab, n = ndi.label(obj)
-    ci, cj = int(round(r)) - r0, int(round(c)) - c0
-    cid = int(lab[min(max(ci, 0), roi.shape[0] - 1), min(max(cj, 0), roi.shape[1] - 1)])
-    if cid == 0:
-        ids = lab[inner & (lab > 0)]
-        if ids.size == 0:
-            return None
-        cid = int(np.bincount(ids).argmax())
-    m = lab == cid
-    # detach what runs on (ribs, vessels): open with a disk scaled to the blob, keep the centre part
-    ro = max(1, int(round(0.45 * radius)))
-    op = ndi.binary_opening(m, structure=_disk(ro))
-    lab2, n2 = ndi.label(op)
-    if n2:
-        ids = lab2[inner & (lab2 > 0)]
-        if ids.size:
-            core_m = lab2 == int(np.bincount(ids).argmax())
-            m = m & ndi.binary_dilation(core_m, structure=_disk(ro + 1))
-    area = int(m.sum())
-    if area < 4:
-        return None
-    touches = bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
-    ys, xs = np.nonzero(m)
-    cy, cx = float(ys.mean()), float(xs.mean())
-    cov = np.cov(np.stack([ys - cy, xs - cx])) + np.eye(2) / 12.0
-    ev, evec = np.linalg.eigh(cov)
-    ev = np.clip(ev, 1e-6, None)
-    elong = float(np.sqrt(ev[1] / ev[0]))
-    # long / short axis: extents along the principal axes (pixel-edge corrected by the area)
-    pts = np.stack([ys - cy, xs - cx], axis=1)
-    p1 = pts @ evec[:, 1]
-    p0 = pts @ evec[:, 0]
-    long_ = float(p1.max() - p1.min() + 1.0)
-    short = float(p0.max() - p0.min() + 1.0)
-    k = float(np.clip(np.sqrt(area / (np.pi / 4.0 * long_ * short)), 0.8, 1.0))
-    long_ *= k
-    short *= k
-    try:
-        from skimage.morphology import convex_hull_image
-
-        fill = area / max(1, int(convex_hull_image(m).sum()))
-    except Exception:  # degenerate masks
-        fill = 1.0
-    return {"row": cy + r0, "col": cx + c0, "long": long_, "short": short, "diam": 0.5 * (long_ + short),
-            "area": area, "contrast": contrast, "bg": bg, "elong": elong, "touches": touches,
-            "fill": float(fill), "mask": m, "offset": (r0, c0)}
-
-
 def _line_footprint(length: float, theta: float) -> np.ndarray:
     from skimage.draw import line as sk_line
 
@@ -550,8 +483,8 @@ def _line_footprint(length: float, theta: float) -> np.ndarray:
 
 def _line_residual(img: np.ndarray, length_px: float, n_dir: int = 12) -> np.ndarray:
     """Image minus its largest grey opening by a line of ``length_px`` over ``n_dir`` orientations: what
-    remains is bright and shorter than the line in every direction (blobs), while ribs, vessels and
-    edges, which contain such a line, are flattened (a rotating line-opening top-hat)."""
+    remains is bright and shorter than the line in every direction (the lungs' small-scale texture of
+    vessel crossings and noise), while ribs, vessels and edges, which contain such a line, are flattened."""
     b: np.ndarray | None = None
     for th in np.arange(n_dir) * np.pi / n_dir:
         o = ndi.grey_opening(img, footprint=_line_footprint(length_px, float(th)))
@@ -560,98 +493,208 @@ def _line_residual(img: np.ndarray, length_px: float, n_dir: int = 12) -> np.nda
     return img - b
 
 
+def _fit_radii(px_per_mm: float, lo_mm: float = MIN_OPACITY_MM, hi_mm: float = MAX_FIT_MM) -> list[float]:
+    radii: list[float] = []
+    rad = 0.5 * lo_mm * px_per_mm
+    while rad <= 0.5 * hi_mm * px_per_mm:
+        radii.append(rad)
+        rad *= FIT_STEP
+    return radii
+
+
+def _sphere_fit_maps(img: np.ndarray, allow: np.ndarray, rad: float) -> dict[str, np.ndarray]:
+    """Dense least-squares fit, at every pixel, of a projected sphere of radius ``rad`` (working px) on a
+    sloping local background: ``y = b0 + b1 u + b2 v + A sqrt(1 - u^2 - v^2)`` with (u, v) the offset
+    from the pixel in units of ``rad``, over the ``allow`` pixels (the lung fields) within ``FIT_WINDOW``
+    radii. The model is linear, so its normal equations are correlations of the mask and of the masked
+    image with fixed kernels (FFT); a bright mediastinum, chest wall or diaphragm next to an opacity is
+    outside the mask and neither hides it nor passes for it. Returns maps of the contrast ``A``, the
+    residual RMS ``sigma`` (the local texture: vessels, ribs, noise), ``t = A / se(A)`` and ``valid``
+    (centre in the mask, ``FIT_CORE_FRAC`` of the disk in it)."""
+    from scipy.signal import fftconvolve
+
+    n = int(math.ceil(FIT_WINDOW * rad))
+    yy, xx = np.mgrid[-n:n + 1, -n:n + 1].astype(np.float64)
+    u, v = yy / rad, xx / rad
+    d2 = u * u + v * v
+    win = (d2 <= FIT_WINDOW ** 2).astype(np.float64)
+    disk = (d2 <= 1.0).astype(np.float64)
+    s = np.sqrt(np.clip(1.0 - d2, 0.0, None))
+    m = allow.astype(np.float64)
+    y = img.astype(np.float64) * m
+
+    def corr(a: np.ndarray, k: np.ndarray) -> np.ndarray:  # sum_q a(p + q) k(q)
+        return np.asarray(fftconvolve(a, k[::-1, ::-1], mode="same"))
+
+    basis = [win, win * u, win * v, win * s]
+    xtx = np.empty(img.shape + (4, 4))
+    for i in range(4):
+        for j in range(i, 4):
+            xtx[..., i, j] = xtx[..., j, i] = corr(m, basis[i] * basis[j])
+    xty = np.stack([corr(y, b) for b in basis], axis=-1)
+    yty = corr(y * img, win)
+    npx = xtx[..., 0, 0]
+    ncore = corr(m, disk)
+    valid = (npx >= 20) & (ncore >= FIT_CORE_FRAC * disk.sum()) & allow
+    out_a = np.zeros(img.shape)
+    out_sig = np.full(img.shape, np.inf)
+    out_t = np.zeros(img.shape)
+    idx = np.flatnonzero(valid.ravel())
+    if idx.size:
+        a = xtx.reshape(-1, 4, 4)[idx] + np.eye(4) * 1e-9
+        b = xty.reshape(-1, 4)[idx]
+        inv = np.linalg.pinv(a)
+        beta = np.einsum("nij,nj->ni", inv, b)
+        rss = np.clip(yty.ravel()[idx] - np.einsum("ni,ni->n", beta, b), 0.0, None)
+        sig = np.sqrt(rss / np.maximum(npx.ravel()[idx] - 4.0, 1.0)) + 1e-6
+        out_a.ravel()[idx] = beta[:, 3]
+        out_sig.ravel()[idx] = sig
+        out_t.ravel()[idx] = beta[:, 3] / (sig * np.sqrt(np.clip(inv[:, 3, 3], 1e-12, None)))
+    return {"A": out_a, "sigma": out_sig, "t": out_t, "valid": valid}
+
+
+def _local_fit(img: np.ndarray, allow: np.ndarray, row: float, col: float, rad: float,
+               window: float | None = None) -> dict[str, Any] | None:
+    """The fit of :func:`_sphere_fit_maps` at one point (sub-pixel centre and any radius allowed), with shape
+    tests on the background-subtracted window: ``sec_*`` (per angular sector, the mean over the annulus
+    1.3-2.0 radii in units of A: vessels or ribs running out of a spot leave bright sectors, a vessel
+    tree or the hilum bright surroundings, a nodule's surroundings are flat) and ``elong`` (second
+    moments of the positive part of the core). ``window``: the fit's radius in px (default
+    ``FIT_WINDOW`` radii; fixed when radii are compared by their residual)."""
+    h, w = img.shape
+    win_px = FIT_WINDOW * rad if window is None else window
+    n = int(math.ceil(max(win_px, 2.0 * rad))) + 1
+    r0, r1 = max(0, int(round(row)) - n), min(h, int(round(row)) + n + 1)
+    c0, c1 = max(0, int(round(col)) - n), min(w, int(round(col)) + n + 1)
+    if r1 - r0 < 3 or c1 - c0 < 3:
+        return None
+    yy, xx = np.mgrid[r0:r1, c0:c1].astype(np.float64)
+    u, v = (yy - row) / rad, (xx - col) / rad
+    d2 = u * u + v * v
+    roi = img[r0:r1, c0:c1].astype(np.float64)
+    al = allow[r0:r1, c0:c1]
+    m = al & (d2 * rad * rad <= win_px * win_px)
+    if m.sum() < 20:
+        return None
+    s = np.sqrt(np.clip(1.0 - d2, 0.0, None))
+    x = np.stack([np.ones(int(m.sum())), u[m], v[m], s[m]], axis=1)
+    y = roi[m]
+    inv = np.linalg.pinv(x.T @ x + np.eye(4) * 1e-9)
+    beta = inv @ (x.T @ y)
+    res = y - x @ beta
+    sig = math.sqrt(float(res @ res) / max(1, y.size - 4)) + 1e-6
+    a = float(beta[3])
+    if a <= 0:
+        return None
+    patch = roi - (beta[0] + beta[1] * u + beta[2] * v)  # the opacity plus texture, background removed
+    ring = al & (d2 >= 1.3 ** 2) & (d2 <= 2.0 ** 2)
+    sec = np.floor((np.arctan2(u, v) + np.pi) / (2 * np.pi) * N_SECTORS).astype(int) % N_SECTORS
+    vals = sorted((float(patch[ring & (sec == k)].mean()) / a for k in range(N_SECTORS)
+                   if int((ring & (sec == k)).sum()) >= 2), reverse=True)
+    core = al & (d2 <= 1.2 ** 2)
+    wgt = np.clip(patch, 0.0, None) * core
+    tot = float(wgt.sum())
+    elong = 4.0
+    if tot > 0:
+        cy, cx = float((wgt * yy).sum() / tot), float((wgt * xx).sum() / tot)
+        cyy, cxx = float((wgt * (yy - cy) ** 2).sum() / tot), float((wgt * (xx - cx) ** 2).sum() / tot)
+        cxy = float((wgt * (yy - cy) * (xx - cx)).sum() / tot)
+        ev = np.clip(np.linalg.eigvalsh(np.array([[cyy, cxy], [cxy, cxx]])), 1e-6, None)
+        elong = min(4.0, float(math.sqrt(ev[1] / ev[0])))
+    return {"A": a, "sigma": sig, "t": a / (sig * math.sqrt(max(float(inv[3, 3]), 1e-12))),
+            "sec_max": vals[0] if vals else 1.0, "sec_2": vals[1] if len(vals) > 1 else 1.0,
+            "sec_mean": float(np.mean(vals)) if vals else 1.0, "elong": elong, "rss": float(res @ res)}
+
+
+def _opacity_score(fit: dict[str, Any], rad: float, px_per_mm: float, noise: float) -> float:
+    """Log-odds that a fitted spot is an opacity (logistic model over the fit's features, see
+    ``OPACITY_WEIGHTS``)."""
+    feats = {"log_t": math.log(max(fit["t"], 1.0)), "log_a_noise": math.log(max(fit["A"], 1e-4) / max(noise, 1e-6)),
+             "log_a_sigma": math.log(max(fit["A"], 1e-4) / fit["sigma"]), "log_d_mm": math.log(2.0 * rad / px_per_mm),
+             "sec_max": fit["sec_max"], "sec_2": fit["sec_2"], "sec_mean": fit["sec_mean"], "elong": fit["elong"]}
+    return OPACITY_BIAS + sum(OPACITY_WEIGHTS[k] * v for k, v in feats.items())
+
+
+def _refine_fit(img: np.ndarray, allow: np.ndarray, row: float, col: float, rad: float
+                ) -> tuple[float, float, float]:
+    """Sub-pixel centre and continuous radius: least squares of the projected-sphere model over a fixed
+    window (``FIT_WINDOW`` detection radii), Nelder-Mead from the detection's grid point with the centre
+    kept within half a radius and the radius within ``SIZE_RANGE`` of the grid's."""
+    from scipy.optimize import minimize
+
+    win = FIT_WINDOW * rad
+    lo_r, hi_r = SIZE_RANGE[0] * rad, SIZE_RANGE[1] * rad
+
+    def cost(p: np.ndarray) -> float:
+        if math.hypot(p[0] - row, p[1] - col) > 0.5 * p[2] or not lo_r <= p[2] <= hi_r:
+            return 1e9
+        f = _local_fit(img, allow, float(p[0]), float(p[1]), float(p[2]), window=win)
+        return 1e9 if f is None else f["rss"]
+
+    try:
+        r = minimize(cost, np.array([row, col, rad]), method="Nelder-Mead",
+                     options={"xatol": 0.05, "fatol": 1e-9, "maxiter": 120,
+                              "initial_simplex": np.array([[row, col, rad], [row + 0.5, col, rad],
+                                                           [row, col + 0.5, rad], [row, col, rad * 1.1]])})
+        if r.fun < 1e8:
+            return float(r.x[0]), float(r.x[1]), float(r.x[2])
+    except Exception as e:  # keep the grid point
+        log.debug("opacity refinement failed: %s", e)
+    return row, col, rad
+
+
 def _opacity_candidates(work: np.ndarray, fields: np.ndarray, px_per_mm: float
                         ) -> tuple[list[dict[str, Any]], np.ndarray, float]:
+    """Rounded opacities: dense projected-sphere fits (:func:`_sphere_fit_maps`) over ``FIT_STEP``-spaced
+    radii inside the lung fields; local maxima of ``t`` at each radius, suppressed across radii (the
+    highest t wins within the larger radius), the best ``MAX_PEAKS`` scored by :func:`_opacity_score`."""
     lung = fields > 0
     if not lung.any():
         return [], np.zeros_like(work), 1.0
     img = ndi.gaussian_filter(work.astype(np.float32), 0.7)
-    search = ndi.binary_dilation(lung, structure=_disk(max(1, int(round(4.0 * px_per_mm)))))
-    # residuals: short lines for nodules, long lines (on a half-size image) for masses
+    allow = lung
     res_s = _line_residual(img, max(7.0, LINE_MM * px_per_mm))
-    half = img[: img.shape[0] // 2 * 2, : img.shape[1] // 2 * 2]
-    half = half.reshape(half.shape[0] // 2, 2, half.shape[1] // 2, 2).mean(axis=(1, 3))
-    res_l_h = _line_residual(half, max(7.0, LINE_MM_MASS * px_per_mm / 2.0))
-    res_l = np.zeros_like(img)
-    up = np.kron(res_l_h, np.ones((2, 2), dtype=np.float32))
-    res_l[: up.shape[0], : up.shape[1]] = up
-    # scale of the residual inside the lungs (RMS: the residual is mostly zero, so no MAD)
-    noise_s = float(np.sqrt(np.mean(res_s[lung] ** 2))) + 1e-6
-    noise_l = float(np.sqrt(np.mean(res_l[lung] ** 2))) + 1e-6
-    radii: list[float] = []
-    rad = 0.5 * MIN_OPACITY_MM * px_per_mm
-    while rad <= 0.5 * 70.0 * px_per_mm:
-        radii.append(rad)
-        rad *= 1.25
-    cands: list[dict[str, Any]] = []
-    for radius in radii:
-        big = radius > 0.5 * LINE_MM * px_per_mm * 0.7
-        res, noise = (res_l, noise_l) if big else (res_s, noise_s)
-        sigma = max(0.8, radius / math.sqrt(2.0))
-        resp = -ndi.gaussian_laplace(res, sigma) * sigma * sigma
-        peaks = (resp == ndi.maximum_filter(resp, size=max(3, int(radius) | 1))) & search & (resp > 1.0 * noise)
-        for rr, cc in np.argwhere(peaks):
-            cands.append({"row": float(rr), "col": float(cc), "radius": radius, "z": float(resp[rr, cc] / noise),
-                          "big": big})
-    cands.sort(key=lambda c: -c["z"])
+    noise = float(np.sqrt(np.mean(res_s[lung] ** 2))) + 1e-6
+    peaks: list[dict[str, Any]] = []
+    for rad in _fit_radii(px_per_mm):
+        mp = _sphere_fit_maps(img, allow, rad)
+        t = mp["t"]
+        pk = (t == ndi.maximum_filter(t, size=max(3, int(rad) | 1))) & mp["valid"] & (t > 3.0) & (mp["A"] > 0)
+        for rr, cc in np.argwhere(pk):
+            peaks.append({"row": float(rr), "col": float(cc), "radius": rad, "t": float(t[rr, cc])})
+    peaks.sort(key=lambda c: -c["t"])
     kept: list[dict[str, Any]] = []
-    for c in cands:
-        if any((c["row"] - k["row"]) ** 2 + (c["col"] - k["col"]) ** 2 < (0.9 * max(c["radius"], k["radius"])) ** 2
-               for k in kept):
+    for c in peaks:
+        if any(math.hypot(c["row"] - k["row"], c["col"] - k["col"]) < max(c["radius"], k["radius"]) for k in kept):
             continue
         kept.append(c)
-        if len(kept) >= 200:
+        if len(kept) >= MAX_PEAKS:
             break
-    lat_dist = _lateral_distance(fields)
     out: list[dict[str, Any]] = []
     for c in kept:
-        res, noise = (res_l, noise_l) if c["big"] else (res_s, noise_s)
-        seg = _measure_blob(res, c["row"], c["col"], c["radius"], None, level=SEG_LEVEL)
-        if seg is None:
+        fit = _local_fit(img, allow, c["row"], c["col"], c["radius"])
+        if fit is None:
             continue
-        seg = _refine_size(img, seg, c["radius"])
-        ri = int(np.clip(round(seg["row"]), 0, img.shape[0] - 1))
-        ci = int(np.clip(round(seg["col"]), 0, img.shape[1] - 1))
-        rad_seg = max(0.5 * seg["diam"], 1.0)
-        # the ring test on the film itself: darker than the core all around (not a rib crossing)
-        core_img = float(ndi.map_coordinates(img, [[seg["row"]], [seg["col"]]], order=1)[0])
-        ring = _ring_profile(img, seg["row"], seg["col"], max(1.5 * rad_seg, rad_seg + 2.0))
-        core = seg["bg"] + seg["contrast"]
-        ring_dark = float(np.mean(ring < core_img - 0.5 * seg["contrast"]))
-        d_mm = seg["diam"] / px_per_mm
-        z_c = seg["contrast"] / noise
-        edge_mm = float(lat_dist[ri, ci]) / px_per_mm
-        cand = {**c, "seg": seg, "diam_mm_est": d_mm, "z_contrast": z_c, "ring_dark": ring_dark,
-                "elong": seg["elong"], "fill": seg["fill"], "edge_mm": edge_mm,
-                "in_field": bool(lung[ri, ci]), "core": core}
-        cand["conf"] = _opacity_confidence(cand)
-        out.append(cand)
+        score = _opacity_score(fit, c["radius"], px_per_mm, noise)
+        ri, ci = int(round(c["row"])), int(round(c["col"]))
+        out.append({**c, "fit": fit, "score": score, "conf": 1.0 / (1.0 + math.exp(-score)),
+                    "in_field": bool(lung[ri, ci]), "z_contrast": fit["A"] / noise})
     out.sort(key=lambda c: -c["conf"])
-    final: list[dict[str, Any]] = []
-    for c in out:
-        s_ = c["seg"]
-        if any(math.hypot(s_["row"] - k["seg"]["row"], s_["col"] - k["seg"]["col"]) < 0.6 * max(s_["diam"],
-                                                                                                    k["seg"]["diam"])
-               for k in final):
-            continue
-        final.append(c)
-    return final, res_s, noise_s
+    return out, res_s, noise
 
 
-def _refine_size(img: np.ndarray, seg: dict[str, Any], radius: float) -> dict[str, Any]:
-    """Sizes: the residual's borders are eaten by lines lying along ribs or vessels, so the opacity is
-    re-measured at half maximum on the film itself when that agrees (0.9-1.5 x); a projected sphere's
-    silhouette at a fraction q of its peak lies at R sqrt(1 - q^2), which is corrected for."""
-    out = dict(seg)
-    seg2 = _measure_blob(img, seg["row"], seg["col"], max(radius, 0.5 * seg["diam"]), None, level=0.5)
-    if seg2 is not None and not seg2["touches"] and 0.9 * seg["diam"] <= seg2["diam"] <= 1.5 * seg["diam"]:
-        k = 1.0 / math.sqrt(1.0 - 0.5 ** 2)
-        out.update({key: seg2[key] for key in ("row", "col", "mask", "offset", "area")})
-        out.update({"long": seg2["long"] * k, "short": seg2["short"] * k, "diam": seg2["diam"] * k})
-    else:
-        k = 1.0 / math.sqrt(1.0 - SEG_LEVEL ** 2)
-        out.update({"long": seg["long"] * k, "short": seg["short"] * k, "diam": seg["diam"] * k})
-    return out
+def _opacity_seg(img: np.ndarray, allow: np.ndarray, c: dict[str, Any], px_per_mm: float) -> dict[str, Any]:
+    """Outline and size of a reported opacity from its refined fit: the fitted circle (a projected sphere's
+    silhouette), long/short axes from the elongation of its core."""
+    row, col, rad = _refine_fit(img, allow, c["row"], c["col"], c["radius"])
+    fit = _local_fit(img, allow, row, col, rad) or c["fit"]
+    k = math.sqrt(max(1.0, min(fit["elong"], 1.5)))
+    ri = int(math.ceil(rad)) + 1
+    yy, xx = np.mgrid[-ri:ri + 1, -ri:ri + 1]
+    r0, c0 = int(round(row)) - ri, int(round(col)) - ri
+    mask = (yy + round(row) - row) ** 2 + (xx + round(col) - col) ** 2 <= rad * rad  # index i is row i + r0
+    return {"row": row, "col": col, "diam": 2.0 * rad, "long": 2.0 * rad * k, "short": 2.0 * rad / k,
+            "mask": mask, "offset": (r0, c0), "contrast": fit["A"], "fit": fit}
 
 
 def _lateral_distance(fields: np.ndarray) -> np.ndarray:
@@ -666,28 +709,6 @@ def _lateral_distance(fields: np.ndarray) -> np.ndarray:
         m = (fields == code) & (lat[:, None] >= 0)
         out[m] = np.maximum(d, 0)[m]
     return out
-
-
-def _ramp(x: float, lo: float, hi: float) -> float:
-    return float(np.clip((x - lo) / (hi - lo), 0.0, 1.0))
-
-
-def _opacity_confidence(c: dict[str, Any]) -> float:
-    """0-1 from contrast over the line-opening background (in RMS units of that residual in the lungs), the
-    ring test on the film (darker than the core all around: not a rib crossing or a vessel), compactness,
-    size, and position (rib ends crowd the lateral border)."""
-    s_contrast = 1.0 / (1.0 + math.exp(-(c["z_contrast"] - Z_OPACITY) * 1.5))
-    s_ring = _ramp(c["ring_dark"], 0.7, 0.95)
-    s_shape = _ramp(2.2 - c["elong"], 0.0, 0.7) * _ramp(c["fill"], 0.72, 0.85)
-    s_size = _ramp(c["diam_mm_est"], MIN_OPACITY_MM, MIN_OPACITY_MM + 3.0)
-    conf = s_contrast * (0.2 + 0.8 * s_ring) * (0.3 + 0.7 * s_shape) * (0.3 + 0.7 * s_size)
-    if c["seg"]["touches"]:
-        conf *= 0.6
-    if c["edge_mm"] < 8.0 and c["diam_mm_est"] < 15.0:
-        conf *= 0.7
-    if not c["in_field"]:
-        conf *= 0.7
-    return float(conf)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -818,15 +839,19 @@ def _analyze(series: Series) -> RadiographAnalysis:
             notes.append("the heart lies mostly on the image left: the film may be displayed mirrored (or "
                          "dextrocardia); sides are reported as displayed (patient's right on the image left)")
     cands, residual, res_noise = _opacity_candidates(work, fields, px_per_mm)
-    good = [c for c in cands if c["conf"] >= MIN_CONFIDENCE and c["diam_mm_est"] >= MIN_OPACITY_MM][:MAX_OPACITIES]
+    img = ndi.gaussian_filter(work.astype(np.float32), 0.7)
+    good = [c for c in cands if c["conf"] >= MIN_CONFIDENCE][:MAX_OPACITIES]
+    for c in good:
+        c["seg"] = _opacity_seg(img, fields > 0, c, px_per_mm)
+        c["diam_mm_est"] = c["seg"]["diam"] / px_per_mm
     good.sort(key=lambda c: -c["seg"]["diam"])
     opac = [_opacity_finding(series, c, n + 1, f, spacing, fields, boxes, mid) for n, c in enumerate(good)]
     rt = time.perf_counter() - t0
     log.info("radiograph %s: fields %s, CTR %s, %d candidates, %d opacities, %.2fs", series.series_uid[-8:],
              [k for k in boxes if k.endswith("lung")], None if ctr is None else round(ctr, 3), len(cands),
              len(opac), rt)
-    dbg = [{k: v for k, v in c.items() if k != "seg"} | {"diam": c["seg"]["diam"], "contrast": c["seg"]["contrast"]}
-           for c in cands[:80]]
+    dbg = [{k: v for k, v in c.items() if k not in ("seg", "fit")} | {k: v for k, v in c["fit"].items()}
+           for c in cands[:MAX_PEAKS]]
     return RadiographAnalysis(series.series_uid, full_shape, f, spacing, work, fields, mid * f + (f - 1) / 2.0, boxes,
                               ctr, ctr_geo, cps, domes, opac, px_per_mm, rt, notes, dbg, residual, res_noise)
 
@@ -874,33 +899,46 @@ def analyze_radiograph(series: Series) -> RadiographAnalysis:
 
 def measure_at_px(series: Series, col: float, row: float, analysis: RadiographAnalysis | None = None,
                   search_mm: float = 10.0) -> Finding | None:
-    """Re-measure the rounded opacity nearest the full-film pixel (col, row), within ``search_mm`` (cheap:
-    works on the cached residual). None when nothing with a clear contrast is there."""
+    """Re-measure the rounded opacity nearest the full-film pixel (col, row), within ``search_mm``: the same
+    projected-sphere fits as the detection on a crop around the point, the best by ``t``; None when its
+    opacity score is below ``REMEASURE_MIN_CONF`` (a second look at a known position: a lower bar than
+    a detection)."""
     an = analysis or analyze_radiograph(series)
-    if an.residual is None:
-        return None
     f = an.factor
     r_w, c_w = (row - (f - 1) / 2.0) / f, (col - (f - 1) / 2.0) / f
-    res = an.residual
-    h, w = res.shape
-    rad = max(2.0, search_mm * an.px_per_mm_est)
-    r0, r1 = int(max(0, r_w - rad)), int(min(h, r_w + rad + 1))
-    c0, c1 = int(max(0, c_w - rad)), int(min(w, c_w + rad + 1))
-    if r1 - r0 < 3 or c1 - c0 < 3:
+    ppm = an.px_per_mm_est
+    lung = an.fields > 0
+    radii = _fit_radii(ppm)
+    search = max(2.0, search_mm * ppm)
+    pad = int(math.ceil(search + FIT_WINDOW * radii[-1])) + 2
+    h, w = lung.shape
+    r0, r1 = max(0, int(r_w) - pad), min(h, int(r_w) + pad + 1)
+    c0, c1 = max(0, int(c_w) - pad), min(w, int(c_w) + pad + 1)
+    if r1 - r0 < 5 or c1 - c0 < 5 or not lung[r0:r1, c0:c1].any():
         return None
-    sm = ndi.gaussian_filter(res[r0:r1, c0:c1], max(1.0, 2.0 * an.px_per_mm_est))
+    img = ndi.gaussian_filter(an.work.astype(np.float32), 0.7)
     yy, xx = np.mgrid[r0:r1, c0:c1]
-    inside = (yy - r_w) ** 2 + (xx - c_w) ** 2 <= rad * rad
-    sm = np.where(inside, sm, -np.inf)
-    j = np.unravel_index(int(np.argmax(sm)), sm.shape)
-    pr, pc = float(j[0] + r0), float(j[1] + c0)
-    seg = _measure_blob(res, pr, pc, max(2.0, 4.0 * an.px_per_mm_est), None, level=SEG_LEVEL)
-    if seg is None or seg["contrast"] / an.residual_rms < 2.5:
+    inside = (yy - r_w) ** 2 + (xx - c_w) ** 2 <= search * search
+    best: tuple[float, float, float, float] | None = None
+    for rad in radii:
+        mp = _sphere_fit_maps(img[r0:r1, c0:c1], lung[r0:r1, c0:c1], rad)
+        t = np.where(mp["valid"] & inside & (mp["A"] > 0), mp["t"], -np.inf)
+        j = np.unravel_index(int(np.argmax(t)), t.shape)
+        if np.isfinite(t[j]) and (best is None or t[j] > best[0]):
+            best = (float(t[j]), float(j[0] + r0), float(j[1] + c0), rad)
+    if best is None:
         return None
-    d_mm = seg["diam"] / an.px_per_mm_est
-    if d_mm < 0.5 * MIN_OPACITY_MM:
+    _, pr, pc, rad = best
+    fit = _local_fit(img, lung, pr, pc, rad)
+    if fit is None:
         return None
-    cand = {"seg": seg, "conf": 0.5, "diam_mm_est": d_mm}
+    score = _opacity_score(fit, rad, ppm, an.residual_rms)
+    conf = 1.0 / (1.0 + math.exp(-score))
+    if conf < REMEASURE_MIN_CONF:
+        return None
+    cand: dict[str, Any] = {"row": pr, "col": pc, "radius": rad, "fit": fit, "conf": conf}
+    cand["seg"] = _opacity_seg(img, lung, cand, ppm)
+    cand["diam_mm_est"] = cand["seg"]["diam"] / ppm
     mid_w = int(round((an.midline_col - (f - 1) / 2.0) / f))
     fnd = _opacity_finding(series, cand, 1, f, an.spacing_mm, an.fields, an.boxes, mid_w, fid="M1")
     fnd.confidence = None
