@@ -60,6 +60,7 @@ MAX_CANDIDATES = 400
 MIN_DIAMETER_MM = 4.0
 MIN_CONFIDENCE = 0.5
 MASS_MM = 30.0
+PLEURAL_CLOSING_MM = 12.0  # second lung-side hypothesis for pleural candidates: brings flat caps in
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,6 +240,49 @@ def _candidates(base: _Level, notes: list[str]) -> list[dict[str, Any]]:
     return cands
 
 
+def _pleural_candidates(base: _Level, max_n: int = 30, max_around: float = 0.2) -> list[dict[str, Any]]:
+    """Candidates for nodules on the pleura, which the Hessian dot filter under-ranks (a cap cut flat
+    by the chest wall is plate-like): local maxima of the distance to the air, counting the wall as
+    solid, among solid voxels right against the wall. A cap of height h peaks at ~h at its base; the
+    smooth pleura stays near 0 and peripheral vessels at their (small) radius."""
+    sp = (base.spacing[2], base.spacing[1], base.spacing[0])  # k, j, i
+    solid = base.mask & (base.vol > -500.0)
+    if not solid.any():
+        return []
+    depth = ndi.distance_transform_edt(solid | ~base.mask, sampling=sp)  # distance to the lung air
+    to_wall = ndi.distance_transform_edt(base.mask, sampling=sp)  # distance to the wall
+    vmin = min(base.spacing)
+    sel = solid & (to_wall <= 1.5 * max(base.spacing)) & (depth >= max(2.0, 1.5 * vmin))
+    if not sel.any():
+        return []
+    dpk = np.where(solid & base.mask, depth, 0.0)
+    win = tuple(max(3, 2 * int(round(5.0 / s)) + 1) for s in sp)  # one seed per ~10 mm of pleura
+    peaks = sel & (dpk >= ndi.maximum_filter(dpk, size=win, mode="constant"))
+    pk = np.argwhere(peaks)
+    vals = dpk[peaks]
+    # a cap stands alone on the pleura: air around it on the lung side, just beyond its own reach;
+    # pleural thickening, the diaphragm's partial volume and a fold carry on sideways
+    out: list[dict[str, Any]] = []
+    spa = np.asarray(sp)
+    for (k, j, i), h in zip(pk, vals):
+        r_out = 1.5 * h + 3.0
+        n = np.ceil(r_out / spa).astype(int)
+        lo = np.maximum([k, j, i] - n, 0)
+        hi = np.minimum(np.array([k, j, i]) + n + 1, base.vol.shape)
+        win = tuple(slice(a, b) for a, b in zip(lo, hi))
+        zz, yy, xx = np.ogrid[win]
+        d = np.sqrt(((zz - k) * spa[0]) ** 2 + ((yy - j) * spa[1]) ** 2 + ((xx - i) * spa[2]) ** 2)
+        ring = base.mask[win] & (d >= 1.2 * h + 1.5) & (d <= r_out)
+        if ring.sum() < 8:
+            continue
+        around = float(solid[win][ring].mean())
+        out.append({"ijk": base.offset + base.scale * np.array([i, j, k], dtype=float),
+                     "radius": float(max(h, 2.0)), "sigma": 0.0, "source": "pleural", "around": around})
+    out = [c for c in out if c["around"] <= max_around]
+    out.sort(key=lambda c: c["around"])
+    return out[:max_n]
+
+
 def _nms(cands: list[dict[str, Any]], spacing: tuple[float, float, float]) -> list[dict[str, Any]]:
     sp = np.asarray(spacing, dtype=float)
     kept: list[dict[str, Any]] = []
@@ -305,10 +349,12 @@ def _axial_diameters(sl_mask: np.ndarray, weights: np.ndarray, di: float, dj: fl
 
 def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hint: float | None,
              lung_closed_full: np.ndarray | None = None, roi_half_mm: float | None = None,
-             ) -> dict[str, Any] | None:
+             closing_mm: float | None = None) -> dict[str, Any] | None:
     """Segment the blob near ``center_ijk`` (continuous i, j, k; radius estimate ``radius_mm``) in an
     ROI and measure it. ``lung_closed_full``: the anatomy's closed lung mask resampled onto the ROI
-    (optional; it keeps the segmentation on the lung side of the pleura). None when nothing fits."""
+    (optional; it keeps the segmentation on the lung side of the pleura). ``closing_mm``: radius of
+    the rolling ball that defines the lung side locally (default: scaled to the blob). None when
+    nothing fits."""
     di, dj, dk = (float(s) for s in series.spacing)
     sp_kji = (dk, dj, di)
     r = float(np.clip(radius_mm, 1.5, 35.0))
@@ -334,7 +380,7 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
     air = sm < -400.0
     if air.sum() < 0.05 * air.size:
         return None
-    R = max(1.3 * r + 2.0, 6.0)
+    R = closing_mm if closing_mm is not None else max(1.3 * r + 2.0, 6.0)
     disk = _disk(R, series.spacing)
     pad = max(disk.shape) // 2 + 1
     lung = np.empty_like(air)
@@ -491,8 +537,13 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
     shell = (K2 >= R * R) & (K2 < (R + th) ** 2)
     cross = obj & shell & lung
     shell_ratio = float(cross.sum()) * vox / th / (np.pi * (0.5 * eq_d) ** 2)
+    # what the opening kept of the structure near the blob (the ROI-wide share above counts the whole
+    # vessel tree in the ROI, which grows with the ROI: a large nodule on vessels looks "mostly vessel")
+    near_obj = obj & (K2 <= (0.5 * eq_d + max(2.0, 0.25 * eq_d)) ** 2)
+    opened_local = float((final & near_obj).sum()) / max(int(near_obj.sum()), 1)
     n_branch = int(ndi.label(cross, structure=np.ones((3, 3, 3), bool))[1]) if cross.any() else 0
     juxta = wall_frac >= 0.12
+    sphere_rms, r_fit = 1.0, 0.5 * mean_d
     if juxta:
         # a nodule cut by the pleura: fit a sphere to its free (lung-facing) surface
         free = bnd & lung & ~(sm > thr)
@@ -502,6 +553,9 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
             A = np.concatenate([2.0 * P, np.ones((P.shape[0], 1))], axis=1)
             sol, *_ = np.linalg.lstsq(A, (P ** 2).sum(axis=1), rcond=None)
             r_fit = float(np.sqrt(max(sol[3] + float(sol[:3] @ sol[:3]), 0.0)))
+            # how well a sphere explains the free surface (a cap: well; a vessel stump or a fold: not)
+            resid = np.linalg.norm(P - sol[:3], axis=1) - r_fit
+            sphere_rms = float(np.sqrt(np.mean(resid ** 2)) / max(r_fit, 1e-6))
             d_fit = 2.0 * r_fit - 0.5 * (di + dj)  # outer boundary voxels sit half a voxel out
             if mean_d < d_fit <= 2.2 * max(mean_d, 1.0) and d_fit <= 1.6 * long_ + 2.0 * max(di, dj):
                 long_ = max(long_, d_fit)
@@ -509,7 +563,9 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
                 mean_d = 0.5 * (long_ + short)
                 volume = max(volume, np.pi / 6.0 * d_fit ** 3)
     return {
-        "z_extent_mm": float((kk.max() - kk.min() + 1) * dk), "voxel_mm3": vox, "noise": noise, "wall_frac": wall_frac, "shell_ratio": shell_ratio, "n_branch": n_branch, "juxtapleural": juxta,
+        "z_extent_mm": float((kk.max() - kk.min() + 1) * dk), "sphere_rms": sphere_rms,
+        "opened_local": opened_local, "r_fit": r_fit,
+        "voxel_in_plane_mm": 0.5 * (di + dj), "voxel_mm3": vox, "noise": noise, "wall_frac": wall_frac, "shell_ratio": shell_ratio, "n_branch": n_branch, "juxtapleural": juxta,
         "center_ijk": center_ijk_out, "bbox_vox": box, "nvox": nvox, "volume": volume, "eq_d": eq_d,
         "long": long_, "short": short, "mean_d": mean_d, "slice_index": kbest + sk.start,
         "elong": elong, "border_frac": border_frac, "opened_frac": opened_frac, "core": core, "bg": bg,
@@ -547,7 +603,11 @@ def _confidence(seg: dict[str, Any], cand: dict[str, Any]) -> float:
         s *= _ramp(seg["elong"], 3.6, 3.2)
         s *= _ramp(seg["nvox"] * seg.get("voxel_mm3", 1.0), 20.0, 30.0)  # a visible cap, not a speck
         s *= _ramp(seg.get("z_extent_mm", 99.0), 3.0, 4.0)  # on more than one thin slice
-        s *= _ramp(blob, 0.55, 0.62)
+        # a cap is flatter than a ball, so its Hessian blobness is lower; what marks it is that a
+        # sphere explains its free surface (within the voxel grid's roughness)
+        s *= _ramp(blob, 0.35, 0.45)
+        lim = 0.10 + 0.5 * seg.get("voxel_in_plane_mm", 1.0) / max(seg.get("r_fit", 1.0), 1.0)
+        s *= _ramp(seg.get("sphere_rms", 1.0), lim + 0.08, lim)
         s *= _ramp(rn, 0.035, 0.045)
         s *= _ramp(seg["shell_ratio"], 0.4, 0.3)
         s *= _ramp(seg["opened_frac"], 0.7, 0.8)
@@ -556,14 +616,20 @@ def _confidence(seg: dict[str, Any], cand: dict[str, Any]) -> float:
         el = seg["elong"]
         s *= _ramp(el, 2.1, 1.7)
         s *= _ramp(blob, 0.55, 0.65)
-        s *= _ramp(rn, 0.09, 0.11)
+        # a round segmented blob that is also round to the Hessian is a ball even when the filter's
+        # response is diluted (a large nodule between two scales, or on a vessel)
+        round_ = _ramp(el, 1.45, 1.3) * _ramp(blob, 0.7, 0.75)
+        s *= _ramp(rn, 0.09 - 0.03 * round_, 0.11 - 0.03 * round_)
         # a compact blob may carry more vessel (juxtavascular); an elongated one may not
         compact = _ramp(el, 1.6, 1.4)
         sh_lim = 0.45 + 0.35 * compact
         s *= _ramp(seg["shell_ratio"], sh_lim + 0.15, sh_lim)
         op_lim = 0.5 - 0.2 * compact
-        s *= _ramp(seg["opened_frac"], op_lim - 0.1, op_lim)
-        s *= _ramp(float(seg.get("n_branch", 0)), 6.0, 4.0)
+        opened = max(seg["opened_frac"], round_ * seg.get("opened_local", 0.0))
+        s *= _ramp(opened, op_lim - 0.1, op_lim)
+        # vessels met by the shell grow with its area: allow more branches around a larger blob
+        nb_lim = 4.0 * max(1.0, (seg.get("eq_d", 10.0) / 12.0) ** 2)
+        s *= _ramp(float(seg.get("n_branch", 0)), nb_lim + 2.0, nb_lim)
     s *= _ramp(seg["contrast"], 100.0, 150.0)
     # small blobs must stand well out of the noise (low-dose scans make many); pure ground-glass
     # under 6 mm is not actionable (Lung-RADS 2) and is not worth a false alarm
@@ -627,6 +693,30 @@ def _check_volume(series: Series) -> None:
         raise UnsupportedError(f"This CT series is {what}: 3-D nodule detection needs a chest volume.")
 
 
+def _segment_scored(series: Series, anat: Anatomy | None, paren: float | None, ijk: np.ndarray, r: float,
+                    cand: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
+    """Segment a candidate and score it. A blob against the pleura gets a second hypothesis for the
+    lung side (a wider rolling ball: a flat cap of a large nodule is a shallow dent in the air that a
+    ball scaled to the candidate does not fill) and keeps the more nodule-like of the two."""
+    half = max(3.0 * r + 6.0, 14.0)
+    lung_roi = None
+    if anat is not None:
+        sk, sj, si = _roi_bounds(series, ijk, half)
+        lung_roi = anat.grid.roi_from_full(anat.masks["lungs_closed"], sk.start, sk.stop, sj.start, sj.stop,
+                                           si.start, si.stop)
+    best: tuple[float, dict[str, Any]] | None = None
+    seg = _segment(series, ijk, r, paren, lung_roi, half)
+    if seg is not None:
+        best = (_confidence(seg, cand), seg)
+    if seg is not None and seg["wall_frac"] >= 0.05 and max(1.3 * r + 2.0, 6.0) < PLEURAL_CLOSING_MM:
+        seg2 = _segment(series, ijk, r, paren, lung_roi, half, closing_mm=PLEURAL_CLOSING_MM)
+        if seg2 is not None:
+            conf2 = _confidence(seg2, cand)
+            if best is None or conf2 > best[0]:
+                best = (conf2, seg2)
+    return best
+
+
 def _analyze(series: Series) -> SeriesAnalysis:
     t0 = time.time()
     _check_volume(series)
@@ -638,23 +728,15 @@ def _analyze(series: Series) -> SeriesAnalysis:
         return SeriesAnalysis(anatomy=anat, nodules=[], runtime_s=time.time() - t0, notes=notes + ["No lungs."])
     base, _ = sv
     cands = _nms(_candidates(base, notes), series.spacing)
+    cands += _pleural_candidates(base)
     t1 = time.time()
     scored: list[dict[str, Any]] = []
-    g = anat.grid
-    closed = anat.masks["lungs_closed"]
-    def seg_at(ijk: np.ndarray, r: float) -> dict[str, Any] | None:
-        half = max(3.0 * r + 6.0, 14.0)
-        sk, sj, si = _roi_bounds(series, ijk, half)
-        lung_roi = g.roi_from_full(closed, sk.start, sk.stop, sj.start, sj.stop, si.start, si.stop)
-        return _segment(series, ijk, r, paren, lung_roi, half)
-
     for c in cands:
-        best: tuple[float, dict[str, Any]] | None = None
-        seg = seg_at(c["ijk"], c["radius"])
-        if seg is not None:
-            best = (_confidence(seg, c), seg)
+        best = _segment_scored(series, anat, paren, c["ijk"], c["radius"], c)
         if best is None or best[1]["mean_d"] < MIN_DIAMETER_MM * 0.8:
             continue
+        if c.get("source") == "pleural" and not best[1]["juxtapleural"]:
+            continue  # a pleural seed only stands for a blob on the pleura; the rest is the filter's job
         scored.append({"cand": c, "seg": best[1], "conf": best[0]})
     # merge duplicates: a candidate whose centre lies inside a stronger one's box
     scored.sort(key=lambda s: -s["conf"])
@@ -730,18 +812,12 @@ def measure_at(series: Series, center_mm: list[float], analysis: SeriesAnalysis 
     if best is None:
         return None
     _, pos, rad = best
-    lung_roi = None
-    if analysis is not None:
-        h2 = max(3.0 * rad + 6.0, 14.0)
-        s2 = _roi_bounds(series, pos, h2)
-        lung_roi = analysis.anatomy.grid.roi_from_full(analysis.anatomy.masks["lungs_closed"], s2[0].start,
-                                                       s2[0].stop, s2[1].start, s2[1].stop, s2[2].start, s2[2].stop)
-    paren = _paren_hu(analysis.anatomy) if analysis is not None else None
-    seg = _segment(series, pos, rad, paren, lung_roi)
-    if seg is None:
-        return None
-    conf = _confidence(seg, {"radius": rad})
     anat = analysis.anatomy if analysis is not None else None
+    paren = _paren_hu(anat) if anat is not None else None
+    scored = _segment_scored(series, anat, paren, pos, rad, {"radius": rad})
+    if scored is None:
+        return None
+    conf, seg = scored
     return _to_finding(series, anat, seg, conf, "M1")
 
 
