@@ -7,7 +7,9 @@ Rows (each issue adds its own):
 - routing: tool-choice accuracy on a labelled set of phrasings that are not the router's exemplars;
 - turn: end-to-end latency of a cold and a warm turn through the engine, peak memory;
 - verifier: AUC of the reliability for predicting a wrong answer unit, ECE, wrong answers rated high,
-  cost as a ratio to the answer's own, on held-out phantom seeds (6000+; calibration uses 5000+).
+  cost as a ratio to the answer's own, on held-out phantom seeds (6000+; calibration uses 5000+);
+- radiograph: lung-field box IoU, cardiothoracic ratio error, opacities >= 10 mm found and false positives
+  per film, change status on pairs — on DRR pairs projected from phantom seeds 20-29 (not the tests').
 """
 from __future__ import annotations
 
@@ -327,6 +329,38 @@ def verifier_rows(seeds: list[int] | None, size: str) -> tuple[dict[str, Any], l
     return r, rows
 
 
+RADIOGRAPH_SEEDS = list(range(20, 30))  # DRR pairs the radiograph tests do not use (100-109: a second held-out set)
+
+
+def radiograph_rows(seeds: list[int] | None = None, workdir: Path | None = None
+                    ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """Chest radiographs on DRR pairs projected from the CT phantoms (tools.radiograph.evaluate_radiographs):
+    lung-field box IoU, cardiothoracic ratio error, opacities >= 10 mm found and false positives per film,
+    change status on the pairs."""
+    from tools.radiograph import evaluate_radiographs
+
+    rg_seeds = list(seeds or RADIOGRAPH_SEEDS)
+    r = evaluate_radiographs(rg_seeds, workdir=workdir)
+    r.pop("per_seed", None)
+
+    def f(v: Any, fmt: str = ".3f") -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    span = f"seeds {rg_seeds[0]}-{rg_seeds[-1]}, {r['films']} films"
+    rows = [("radiograph", f"lung-field box IoU, mean / min ({span})",
+             f"{f(r['lung_field_box_iou'])} / {f(r['lung_field_box_iou_min'])}"),
+            ("radiograph", "cardiothoracic ratio |error|, mean / max",
+             f"{f(r['ctr_abs_error'], '.4f')} / {f(r['ctr_abs_error_max'], '.4f')}"),
+            ("radiograph", "opacities >= 10 mm found: centre in a lung field / all",
+             f"{f(r['sensitivity_ge10mm_in_field'], '.2f')} (n={r['opacities_ge_min_in_field']}) / "
+             f"{f(r['sensitivity_ge10mm_all'], '.2f')} (n={r['opacities_ge_min_all']})"),
+            ("radiograph", "false positives per film", f(r["fp_per_film"], ".2f")),
+            ("radiograph", "change status correct (>= 10 mm on either film)",
+             f"{f(r['change_status_accuracy'], '.2f')} (n={r['change_pairs']})"),
+            ("radiograph", "analysis time per film", f"{f(r['analysis_s_per_film'], '.1f')} s")]
+    return r, rows
+
+
 def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-out",
               only: list[str] | None = None) -> str:
     out = Path(out)
@@ -334,7 +368,7 @@ def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-ou
     rows: list[tuple[str, str, str]] = []
     results: dict[str, Any] = {}
     want = set(only or ["detector", "comparer", "routing", "turn", "prognosis", "load", "scale", "verifier", "fuzz",
-                        "deid"])
+                        "deid", "radiograph"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "routing" in want:
@@ -409,6 +443,9 @@ def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-ou
         if "verifier" in want:
             results["verifier"], vrows = verifier_rows(seeds, size)
             rows += vrows
+        if "radiograph" in want:
+            results["radiograph"], rrows = radiograph_rows(workdir=work / "radiograph")
+            rows += rrows
         if "load" in want:
             lrows = load_check([1, 2, 4], size, work)
             results["load"] = lrows
