@@ -136,7 +136,7 @@ def _units(study: dict[str, Any], prior: dict[str, Any] | None, plan: dict[str, 
     comparison = next((r.get("comparison") for r in results if r.get("comparison")), None)
     pseries = cached_study(prior["path"]).primary if (prior and comparison) else None
     matrix = (comparison or {}).get("registration", {}).get("prior_to_current") if pseries is not None else None
-    key = ("verify", series.series_uid, pseries.series_uid if pseries is not None else "",
+    key = ("verify", series.cache_key, pseries.cache_key if pseries is not None else "",
            tuple((f["id"], tuple(f.get("center_mm") or ()), f.get("diameter_mm"),
                   (f.get("change") or {}).get("status")) for f in findings), tuple(zones))
     return CACHE.get_or_compute(repr(key), lambda: verifier.assess(

@@ -380,3 +380,28 @@ def test_full_served_session_leaks_nothing(recording_proxy: _Recorder, hostile_p
             n_ev += 1
     assert n_ev > 0
     shutil.rmtree(tmp_path / "home" / "evidence", ignore_errors=True)
+
+
+def test_cached_results_are_never_shared_by_two_series_with_one_uid() -> None:
+    """A bad export can give two patients' series the same SeriesInstanceUID: the detector's cached
+    analysis must still keep them apart (its key carries a fingerprint of the geometry and the pixels)."""
+    import numpy as np
+
+    from tools.detector import analyze_series
+    from tools.study import Series
+
+    def series(seed: int) -> Series:
+        rng = np.random.default_rng(seed)
+        px = np.full((24, 64, 64), -1000.0, np.float32)
+        px[:, 8:56, 8:56] = 40.0  # a body with two air-filled "lungs"
+        px[:, 14:50, 12:30] = -850.0
+        px[:, 14:50, 34:52] = -850.0
+        px += rng.normal(0.0, 20.0, px.shape).astype(np.float32)
+        return Series(series_uid="1.2.3.same", modality="CT", pixels=px, spacing=(5.0, 5.0, 5.0),
+                      origin=np.zeros(3), direction=np.eye(3))
+
+    a, b, a_again = series(1), series(2), series(1)
+    assert a.cache_key != b.cache_key and a.cache_key == a_again.cache_key
+    ra, rb = analyze_series(a), analyze_series(b)
+    assert ra is not rb  # patient B never gets patient A's analysis
+    assert analyze_series(a_again) is ra  # the same pixels still hit the cache

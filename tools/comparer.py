@@ -114,7 +114,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def register(current: Series, prior: Series, base_mm: float = 2.0) -> Registration:
     """Rigid registration of prior (moving) to current (fixed); cached per pair of series."""
-    key = f"reg:{current.series_uid}:{prior.series_uid}"
+    key = f"reg:{current.cache_key}:{prior.cache_key}"
 
     def compute() -> Registration:
         t0 = time.perf_counter()

@@ -761,9 +761,9 @@ def _analyze(series: Series) -> SeriesAnalysis:
 
 
 def analyze_series(series: Series) -> SeriesAnalysis:
-    """Anatomy + nodules of a CT series, cached per series uid."""
+    """Anatomy + nodules of a CT series, cached per series (its UID plus a pixel fingerprint)."""
     _check_volume(series)
-    return CACHE.get_or_compute(f"analysis:{series.series_uid}", lambda: _analyze(series))
+    return CACHE.get_or_compute(f"analysis:{series.cache_key}", lambda: _analyze(series))
 
 
 def measure_at(series: Series, center_mm: list[float], analysis: SeriesAnalysis | None = None,

@@ -894,7 +894,7 @@ def analyze_radiograph(series: Series) -> RadiographAnalysis:
     a chest film; cached per series uid."""
     if not series.is_radiograph:
         raise UnsupportedError("This is not a radiograph (a single 2-D image); use the CT detector for volumes.")
-    return CACHE.get_or_compute(f"radiograph:{series.series_uid}", lambda: _analyze(series))
+    return CACHE.get_or_compute(f"radiograph:{series.cache_key}", lambda: _analyze(series))
 
 
 def measure_at_px(series: Series, col: float, row: float, analysis: RadiographAnalysis | None = None,
@@ -1331,7 +1331,7 @@ def register_films(cur_s: Series, pri_s: Series, ca: RadiographAnalysis, pa: Rad
     """2-D registration of the prior film (moving) to the current (fixed): lung-field centroids, then a
     similarity and an affine transform (correlation metric on the current's lung-field region,
     multi-resolution); cached per pair."""
-    key = f"rgreg:{cur_s.series_uid}:{pri_s.series_uid}"
+    key = f"rgreg:{cur_s.cache_key}:{pri_s.cache_key}"
 
     def compute() -> FilmRegistration:
         import SimpleITK as sitk

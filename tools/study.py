@@ -11,7 +11,9 @@ For radiographs (CR/DX/PNG) the stack has one slice. When the pixel spacing is u
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,19 @@ class Series:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.pixels.shape)  # type: ignore[return-value]
+
+    @cached_property
+    def cache_key(self) -> str:
+        """The series UID plus a fingerprint of its geometry and pixels: results cached under it are
+        never shared by two series that merely carry the same UID (a bad export, two patients)."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(repr((self.shape, tuple(round(float(v), 4) for v in self.spacing),
+                       np.round(np.asarray(self.origin, dtype=float), 3).tolist(),
+                       np.round(np.asarray(self.direction, dtype=float), 4).ravel().tolist())).encode())
+        flat = self.pixels.reshape(-1)
+        step = max(1, flat.size // 65536)
+        h.update(np.ascontiguousarray(flat[::step], dtype=np.float32).tobytes())
+        return f"{self.series_uid}:{h.hexdigest()}"
 
     @property
     def is_volume(self) -> bool:
