@@ -37,8 +37,8 @@ from tools.schemas import Finding, level_for
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_SEEDS = list(range(5000, 5008))
-EVALUATION_SEEDS = list(range(6000, 6006))
+CALIBRATION_SEEDS = list(range(5000, 5016))
+EVALUATION_SEEDS = list(range(6000, 6012))
 
 
 def detector_fingerprint() -> str:

@@ -285,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verifier", help="calibrate / evaluate the reliability index on phantom patients")
     vsub = s.add_subparsers(dest="vcmd", required=True)
-    for name, what in (("calibrate", "fit the calibration (default seeds 5000-5007) and write "
+    for name, what in (("calibrate", "fit the calibration (default seeds 5000-5015) and write "
                                      "tools/verifier_calibration.json"),
-                       ("evaluate", "AUC, ECE and cost on held-out phantoms (default seeds 6000-6005)")):
+                       ("evaluate", "AUC, ECE and cost on held-out phantoms (default seeds 6000-6011)")):
         v = vsub.add_parser(name, help=what)
         v.add_argument("--seeds", nargs="*", help="seeds or ranges, e.g. 5000-5011")
         v.add_argument("--size", choices=["small", "full"], default="small")
@@ -299,9 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
         v.set_defaults(fn=cmd_verifier)
 
     s = sub.add_parser("bench", help="run the phantom benchmark and print a table")
-    s.add_argument("--seeds", type=int, nargs="*", default=[1000, 1001, 1002, 1003])
+    s.add_argument("--seeds", type=int, nargs="*", default=list(range(1000, 1008)))
     s.add_argument("--size", choices=["small", "full"], default="small")
-    s.add_argument("--only", nargs="*", help="rows to run: detector routing turn")
+    s.add_argument("--only", nargs="*", help="rows to run (default all): detector comparer report routing turn "
+                   "prognosis scale verifier radiograph load fuzz deid")
     s.add_argument("--out", default="bench-out")
     s.set_defaults(fn=cmd_bench)
     return p
