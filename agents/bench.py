@@ -329,6 +329,43 @@ def verifier_rows(seeds: list[int] | None, size: str) -> tuple[dict[str, Any], l
     return r, rows
 
 
+REPORT_SEEDS = [300, 301, 302, 303]  # phantom patients the report tests do not use
+
+
+def report_rows(seeds: list[int] | None, size: str, workdir: Path
+                ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """The report writer on phantom pairs (tools.report_writer.evaluate_reports): finding recall (side, zone,
+    size within 1 mm), invented findings, number-check failures, and dciodvfy on the SR and SEG it wrote."""
+    import shutil
+    import subprocess
+
+    from tools.report_writer import evaluate_reports
+
+    rs = list(seeds or REPORT_SEEDS)
+    r = evaluate_reports(rs, size=size, workdir=workdir)
+    dcio = shutil.which("dciodvfy")
+    errors: list[str] = []
+    checked = 0
+    for row in r["per_seed"]:
+        for kind in ("sr", "seg"):
+            path = next((workdir / f"seed{row['seed']}" / "report").glob(f"*.{kind}.dcm"), None)
+            if dcio is None or path is None:
+                continue
+            out = subprocess.run([dcio, str(path)], capture_output=True, text=True, timeout=120)
+            checked += 1
+            errors += [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")]
+    valid = (f"{checked} files, {len(errors)} errors" if dcio else "dciodvfy not installed (highdicom round trip "
+             "in the tests)")
+    rows = [("report", f"finding recall, >= 5 mm: side, zone, size within 1 mm (seeds {rs[0]}-{rs[-1]})",
+             f"{r['recall']:.3f} ({r['mentioned']}/{r['truth_nodules']}; found by the detector "
+             f"{r['detected_fraction']:.3f})"),
+            ("report", "invented findings / number-check failures",
+             f"{r['invented']} of {r['cited_findings']} cited / {r['number_check_failures']}"),
+            ("report", "dciodvfy on the SR and SEG", valid)]
+    r["dciodvfy_errors"] = errors[:20]
+    return r, rows
+
+
 RADIOGRAPH_SEEDS = list(range(20, 30))  # DRR pairs the radiograph tests do not use (100-109: a second held-out set)
 
 
@@ -368,7 +405,7 @@ def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-ou
     rows: list[tuple[str, str, str]] = []
     results: dict[str, Any] = {}
     want = set(only or ["detector", "comparer", "routing", "turn", "prognosis", "load", "scale", "verifier", "fuzz",
-                        "deid", "radiograph"])
+                        "deid", "radiograph", "report"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "routing" in want:
@@ -443,6 +480,9 @@ def run_bench(seeds: list[int], size: str = "small", out: str | Path = "bench-ou
         if "verifier" in want:
             results["verifier"], vrows = verifier_rows(seeds, size)
             rows += vrows
+        if "report" in want:
+            results["report"], reprows = report_rows(None, size, work / "reports")
+            rows += reprows
         if "radiograph" in want:
             results["radiograph"], rrows = radiograph_rows(workdir=work / "radiograph")
             rows += rrows

@@ -128,6 +128,19 @@ def test_scrub_text_removes_every_form_and_keeps_the_clinical_text() -> None:
     assert PID not in json.dumps(sb) and sb["messages"][0]["content"][1]["image_url"]["url"].endswith("AAAA")
 
 
+def test_placeholders_are_never_scrubbed_again() -> None:
+    """Another loaded study whose name is an ordinary word ("Test^Patient") must not mangle the placeholders
+    of the first pass ("[patient]" -> "[[patient]]")."""
+    other = deid.Identifiers(patient_names=("Test^Patient",))
+    deid.KNOWN.register(other)
+    try:
+        out = deid.scrub_text(f"{NAME}, MRN {PID}", IDS)
+        assert "[[" not in out and "]]" not in out, out
+        assert "[patient]" in out and "[patient-id]" in out
+    finally:
+        deid.KNOWN.forget(other)
+
+
 def test_loaded_study_registers_its_identifiers(hostile_patient: dict) -> None:
     st = load_study(hostile_patient["prior"])
     ids = deid.identifiers_from_study(st)

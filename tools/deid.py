@@ -253,7 +253,22 @@ class _Scrubber:
     def __call__(self, text: str) -> str:
         if self.rx is None or not text:
             return text
-        return self.rx.sub(lambda m: self.placeholder.get(m.group(0).lower(), "[redacted]"), text)
+        rx = self.rx
+
+        def scrub(part: str) -> str:
+            return rx.sub(lambda m: self.placeholder.get(m.group(0).lower(), "[redacted]"), part)
+
+        # placeholders a previous pass put in are never scrubbed again (an identifier that happens to be
+        # a word such as "patient" must not turn "[patient]" into "[[patient]]")
+        pieces = _PLACEHOLDER_RX.split(text)
+        marks = _PLACEHOLDER_RX.findall(text)
+        out = [scrub(pieces[0])]
+        for mark, piece in zip(marks, pieces[1:]):
+            out += [mark, scrub(piece)]
+        return "".join(out)
+
+
+_PLACEHOLDER_RX = re.compile("|".join(re.escape(v) for v in PLACEHOLDERS.values()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,6 +312,11 @@ class IdentifierRegistry:
             with self._lock:
                 self._scrubbers[uids] = s
         return s
+
+    def forget(self, ids: Identifiers) -> None:
+        with self._lock:
+            if self._items.pop(ids.key(), None) is not None:
+                self._scrubbers = {}
 
     def clear(self) -> None:
         with self._lock:

@@ -65,7 +65,13 @@ class _RedactQuery(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and record.args:
             record.args = tuple(_redact(a) for a in record.args)
+        elif isinstance(record.msg, str):
+            # already formatted (e.g. by the de-identifying record factory): redact in the text
+            record.msg = _QUERY_RX.sub(r"\1?[redacted]", record.msg)
         return True
+
+
+_QUERY_RX = re.compile(r"(https?://[^\s?\"']+)\?[^\s\"']*")
 
 
 def _redact(arg: Any) -> Any:
