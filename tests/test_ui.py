@@ -438,3 +438,17 @@ def test_pointing_asks_what_lies_there(tmp_path, phantom_patient) -> None:
     out = list(app.chat_point([], uid, None, tid, box))[-1]
     history = out[0]
     assert history[-1]["role"] == "assistant" and f.id in history[-1]["content"]
+
+
+def test_every_event_handler_takes_its_inputs(tmp_path: Path) -> None:
+    """Gradio warns (and the click then fails) when a handler's signature does not match its inputs, e.g. a
+    ``request`` parameter without the ``gr.Request`` annotation that makes Gradio fill it in."""
+    import warnings
+
+    from agents.engine import Consultant
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ui_app.build_app(Consultant(home_dir=tmp_path / "home"))
+    bad = [str(w.message) for w in caught if "arguments for function" in str(w.message)]
+    assert bad == []

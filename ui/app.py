@@ -1181,8 +1181,10 @@ def build_app(consultant: Consultant | None = None, auth: Callable[[str, str], b
         demo.load(**convs)
         gr.api(app.ask_api, api_name="ask")
         gr.api(app.send_results_api, api_name="send_results", concurrency_limit=1, concurrency_id="import")
-        to_pacs.click(lambda tid, request: app.send_results(tid, user_of(request)), [thread_state], [sent_msg],
-                      api_name=False)
+        def send_to_pacs(tid: str, request: gr.Request) -> str:
+            return app.send_results(tid, user_of(request))
+
+        to_pacs.click(send_to_pacs, [thread_state], [sent_msg], api_name=False)
         gr.api(app.studies_api, api_name="studies", concurrency_limit=None)
         gr.api(app.pacs_studies_api, api_name="pacs_studies", concurrency_limit=None)
         gr.api(app.open_pacs_api, api_name="open_pacs", concurrency_limit=1, concurrency_id="import")
