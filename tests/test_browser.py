@@ -184,6 +184,19 @@ def test_report_sentence_shows_its_boxes(page: Any) -> None:
     done["report"] = True
 
 
+def test_send_report_to_the_pacs_button(page: Any, orthanc: OrthancServer) -> None:  # noqa: F811
+    _need("report")
+    page.locator("#ra-send-pacs").click()
+    status = page.locator("#ra-send-pacs-status")
+    page.wait_for_function("() => (document.querySelector('#ra-send-pacs-status') || {}).innerText?.includes('Sent')",
+                           timeout=60_000)
+    assert "2 object(s)" in status.inner_text() and "SR" in status.inner_text()
+    import httpx
+
+    r = httpx.get(f"{orthanc.dicomweb}/instances", params={"Modality": "SR"}, timeout=30)
+    assert r.status_code == 200 and r.json(), "the SR is not in the PACS"
+
+
 def test_conversations_are_private(page: Any, app_url: str) -> None:
     _need("asked")
     from gradio_client import Client
