@@ -185,16 +185,22 @@ def test_report_sentence_shows_its_boxes(page: Any) -> None:
 
 
 def test_send_report_to_the_pacs_button(page: Any, orthanc: OrthancServer) -> None:  # noqa: F811
-    _need("report")
-    page.locator("#ra-send-pacs").click()
-    status = page.locator("#ra-send-pacs-status")
-    page.wait_for_function("() => (document.querySelector('#ra-send-pacs-status') || {}).innerText?.includes('Sent')",
-                           timeout=60_000)
-    assert "2 object(s)" in status.inner_text() and "SR" in status.inner_text()
     import httpx
 
-    r = httpx.get(f"{orthanc.dicomweb}/instances", params={"Modality": "SR"}, timeout=30)
-    assert r.status_code == 200 and r.json(), "the SR is not in the PACS"
+    _need("report")
+    before = set(httpx.get(f"{orthanc.url}/series", timeout=30).json())
+    try:
+        page.locator("#ra-send-pacs").click()
+        status = page.locator("#ra-send-pacs-status")
+        page.wait_for_function(
+            "() => (document.querySelector('#ra-send-pacs-status') || {}).innerText?.includes('Sent')", timeout=60_000)
+        assert "2 object(s)" in status.inner_text() and "SR" in status.inner_text()
+        r = httpx.get(f"{orthanc.dicomweb}/instances", params={"Modality": "SR"}, timeout=30)
+        assert r.status_code == 200 and r.json(), "the SR is not in the PACS"
+    finally:
+        # the archive is shared with the PACS tests: leave it as it was
+        for sid in set(httpx.get(f"{orthanc.url}/series", timeout=30).json()) - before:
+            httpx.delete(f"{orthanc.url}/series/{sid}", timeout=30).raise_for_status()
 
 
 def test_conversations_are_private(page: Any, app_url: str) -> None:
