@@ -161,7 +161,7 @@ def comparer_accuracy(seeds: list[int], size: str, workdir: Path) -> dict[str, A
 
 def full_volume_cost(seed: int, workdir: Path) -> dict[str, Any]:
     """Detector cost on a full-size CT (~512x512x300) as a ratio to decoding the series, with peak memory."""
-    from tools.cache import CACHE
+    from tools.cache import CACHE, cached_study
     from tools.detector import analyze_series
     from tools.dicom_io import load_study
     from tools.phantom import write_patient
@@ -191,7 +191,7 @@ def full_volume_cost(seed: int, workdir: Path) -> dict[str, Any]:
     c.ask("how much has the biggest one changed?", thread_id=ans.thread_id)
     out["compare_warm_s"] = time.perf_counter() - t3
     out["compare_peak_rss_mb"] = _peak_mb()
-    out["prior_shape"] = list(load_study(pdir / "prior").primary.shape)
+    out["prior_shape"] = list(cached_study(pdir / "prior").primary.shape)  # loaded by the turn: no second decode
     return out
 
 

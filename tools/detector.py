@@ -44,7 +44,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from tools import vocab
-from tools.anatomy import Anatomy, RegionInfo, region_at, segment_anatomy
+from tools.anatomy import Anatomy, RegionInfo, close_disk, region_at, segment_anatomy
 from tools.cache import CACHE
 from tools.errors import UnsupportedError
 from tools.schemas import Evidence, Finding
@@ -96,21 +96,6 @@ class DetectResult:
 
 # ----------------------------------------------------------------------------------------------
 # small numeric helpers
-
-
-def _close_disk(mask: np.ndarray, radius_mm: float, dj: float, di: float) -> np.ndarray:
-    """Closing of a 2-D mask with a disk of ``radius_mm`` by two distance transforms (cost independent of
-    the radius, unlike a structuring element: a 12 mm disk is ~35 pixels across on a fine CT); the edges
-    are padded with their own values, so a concavity open to the border is treated as if it went on."""
-    if not mask.any() or mask.all():
-        return mask.copy()
-    pad = int(np.ceil(radius_mm / min(di, dj))) + 2
-    a = np.pad(mask, pad, mode="edge")
-    dil = ndi.distance_transform_edt(~a, sampling=(dj, di)) <= radius_mm + 1e-6
-    if dil.all():
-        return np.ones_like(mask)
-    clo = ndi.distance_transform_edt(dil, sampling=(dj, di)) > radius_mm + 1e-6
-    return clo[pad:-pad, pad:-pad]
 
 
 def _block_mean(vol: np.ndarray, f: tuple[int, int, int]) -> np.ndarray:
@@ -388,10 +373,10 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
     air = sm < -400.0
     if air.sum() < 0.05 * air.size:
         return None
-    R = closing_mm if closing_mm is not None else max(1.3 * r + 2.0, 6.0)
+    R = closing_mm if closing_mm is not None else _local_ball_mm(r)
     lung = np.empty_like(air)
     for k in range(air.shape[0]):
-        lung[k] = ndi.binary_fill_holes(_close_disk(air[k], R, dj, di)) | air[k]
+        lung[k] = ndi.binary_fill_holes(close_disk(air[k], R, dj, di, pad_mode="edge")) | air[k]
     if lung_closed_full is not None and lung_closed_full.shape == lung.shape:
         lung &= ndi.binary_dilation(lung_closed_full, iterations=2)
     bg_vals = sm[air & lung & (dist2 > (1.5 * r) ** 2)]
@@ -697,6 +682,11 @@ def _check_volume(series: Series) -> None:
         raise UnsupportedError(f"This CT series is {what}: 3-D nodule detection needs a chest volume.")
 
 
+def _local_ball_mm(radius_mm: float) -> float:
+    """Radius of the rolling ball that defines the lung side around a blob of ``radius_mm`` (default hypothesis)."""
+    return max(1.3 * float(np.clip(radius_mm, 1.5, 35.0)) + 2.0, 6.0)
+
+
 def _segment_scored(series: Series, anat: Anatomy | None, paren: float | None, ijk: np.ndarray, r: float,
                     cand: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
     """Segment a candidate and score it. A blob against the pleura gets a second hypothesis for the
@@ -712,7 +702,7 @@ def _segment_scored(series: Series, anat: Anatomy | None, paren: float | None, i
     seg = _segment(series, ijk, r, paren, lung_roi, half)
     if seg is not None:
         best = (_confidence(seg, cand), seg)
-    if seg is not None and seg["wall_frac"] >= 0.05 and max(1.3 * r + 2.0, 6.0) < PLEURAL_CLOSING_MM:
+    if seg is not None and seg["wall_frac"] >= 0.05 and _local_ball_mm(r) < PLEURAL_CLOSING_MM:
         seg2 = _segment(series, ijk, r, paren, lung_roi, half, closing_mm=PLEURAL_CLOSING_MM)
         if seg2 is not None:
             conf2 = _confidence(seg2, cand)
