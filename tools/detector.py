@@ -16,7 +16,13 @@ finds lung nodules and masses:
    the lung side of the pleura only (a local rolling-ball closing of the air), no bone, vessel
    detachment by an opening scaled to the blob's own largest inscribed sphere (distance transform;
    the chest wall counts as solid so a juxtapleural nodule is not eroded from its flat side), then
-   a second pass with the core re-measured inside the blob.
+   a second pass with the core re-measured inside the blob. Two more hypotheses where that one
+   fails: on the pleura, a wider rolling ball for the lung side (a flat cap of a large nodule); off
+   it, a *juxtavascular* one for a small ball on a vessel about as thick as itself, which no
+   opening separates: rays cast from the (re-centred) candidate give its radius in every direction,
+   the blob is what lies within 1.15 median radii, and the rays that run on into the vessel must lie
+   on one side of it (a vessel passing by), not spread out as at a bend, a bifurcation or along a
+   tube. The most nodule-like hypothesis is kept.
 4. *Measurement*: long and short axial diameters on the slice of largest area (long = maximal
    Feret diameter, short = widest extent perpendicular to it, area-corrected), their mean
    (Lung-RADS), partial-volume-weighted volume, mean/core HU, attenuation (solid / part-solid /
@@ -26,7 +32,10 @@ finds lung nodules and masses:
    elongation), Hessian blobness, filter response per HU of contrast, vessel burden (structure
    leaving a shell around the blob), what the opening kept, contrast and signal-to-noise for small
    blobs; juxtapleural caps have their own limits (flat but whole, not fed by vessels, dense, on more
-   than one slice). Only candidates above ``MIN_CONFIDENCE`` are reported.
+   than one slice) and, on the mediastinal pleura (the hilum, where the pulmonary vessels leave the
+   mediastinum: the anatomy's labels just beyond the contact), must be clear caps; a round blob that
+   nothing leaves in 3-D needs less from the Hessian (ground glass dilutes it). Only candidates
+   above ``MIN_CONFIDENCE`` are reported.
 
 ``run_detector(study, request)`` answers text-to-region (lesions in named regions), anatomy and
 region-to-text (what lies in a box) requests, with evidence images. ``measure_at`` re-segments the
@@ -44,7 +53,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from tools import vocab
-from tools.anatomy import Anatomy, RegionInfo, close_disk, region_at, segment_anatomy
+from tools.anatomy import REGION_LABELS, Anatomy, RegionInfo, close_disk, region_at, segment_anatomy
 from tools.cache import CACHE
 from tools.errors import UnsupportedError
 from tools.schemas import Evidence, Finding
@@ -61,6 +70,8 @@ MIN_DIAMETER_MM = 4.0
 MIN_CONFIDENCE = 0.5
 MASS_MM = 30.0
 PLEURAL_CLOSING_MM = 12.0  # second lung-side hypothesis for pleural candidates: brings flat caps in
+RAY_DIRS = 162  # directions of the ray-cast shape of a blob (juxtavascular hypothesis)
+JV_MAX_RADIUS_MM = 4.5  # juxtavascular hypothesis only for balls up to this radius (segmental vessels' size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,14 +351,91 @@ def _axial_diameters(sl_mask: np.ndarray, weights: np.ndarray, di: float, dj: fl
     return long_, short
 
 
+def _sphere_dirs(n: int = RAY_DIRS) -> np.ndarray:
+    """``n`` nearly uniform unit vectors (Fibonacci sphere), rows (x, y, z)."""
+    k = np.arange(n) + 0.5
+    z = 1.0 - 2.0 * k / n
+    phi = np.pi * (3.0 - np.sqrt(5.0)) * k
+    rr = np.sqrt(1.0 - z * z)
+    return np.stack([rr * np.cos(phi), rr * np.sin(phi), z], axis=1)
+
+
+def _ray_lengths(inside: np.ndarray, c_kji: np.ndarray, sp_kji: tuple[float, float, float], r_max: float,
+                 dirs: np.ndarray, step: float = 0.25) -> np.ndarray:
+    """Distance (mm) from ``c_kji`` (ROI voxel, continuous) along each direction to the first sample
+    outside ``inside`` (trilinear, >= 0.5), capped at ``r_max``: the blob's radius in every direction."""
+    n = int(np.ceil(r_max / step))
+    t = (np.arange(n) + 1) * step
+    sp = np.asarray(sp_kji, dtype=float)
+    d_kji = dirs[:, ::-1] / sp  # mm direction (x, y, z) -> voxel steps (k, j, i)
+    pts = c_kji[None, None, :] + t[None, :, None] * d_kji[:, None, :]
+    vals = ndi.map_coordinates(inside.astype(np.float32), pts.reshape(-1, 3).T, order=1, mode="constant",
+                               cval=0.0).reshape(len(dirs), n)
+    out = vals < 0.5
+    first = np.where(out.any(axis=1), out.argmax(axis=1), n)
+    return np.minimum(t[np.minimum(first, n - 1)] * (first < n) + r_max * (first >= n), r_max)
+
+
+def _ray_shape(r: np.ndarray, dirs: np.ndarray) -> dict[str, float]:
+    """Statistics of a blob's ray lengths: median radius, the share of rays running on (into a vessel
+    or along one), how round the rest is (CV), and how one-sided the long rays are (norm of their
+    mean direction: a vessel passing a nodule lies on one side of it, a tube through the centre or a
+    bifurcation spreads them out)."""
+    med = float(np.median(r))
+    long_ = r > 1.5 * med
+    short = ~long_
+    cv = float(np.std(r[short]) / max(np.mean(r[short]), 1e-6)) if short.sum() >= 5 else 1.0
+    asym = float(np.linalg.norm(dirs[long_].mean(axis=0))) if long_.sum() >= 3 else 1.0
+    return {"r_med": med, "f_long": float(long_.mean()), "ray_cv": cv, "long_asym": asym}
+
+
+def _constrained_blob(above: np.ndarray, allowed: np.ndarray, c_kji: np.ndarray, sp_kji: tuple[float, float, float],
+                      r: float) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
+    """The juxtavascular hypothesis of :func:`_segment`: (structure, ball part, ray statistics)."""
+    inside = above & allowed
+    lab, n = ndi.label(inside)
+    if n == 0:
+        return None
+    dirs = _sphere_dirs()
+    shape = np.array(inside.shape)
+    sp = np.asarray(sp_kji, dtype=float)
+    cc = c_kji.copy()
+    r_max = max(3.0 * r, 8.0)
+    rl = np.zeros(len(dirs))
+    for _ in range(3):
+        if not inside[tuple(np.clip(np.round(cc).astype(int), 0, shape - 1))]:
+            return None
+        rl = _ray_lengths(inside, cc, sp_kji, r_max, dirs)
+        med = float(np.median(rl))
+        rc = np.where(rl > 1.5 * med, med, rl)  # rays into the vessel count as the ball's radius
+        shift = 3.0 * (rc[:, None] * dirs).mean(axis=0)  # mm (x, y, z): a ball's rays are symmetric
+        cc = np.clip(cc + shift[::-1] / sp, 0, shape - 1)
+    ci = tuple(np.round(cc).astype(int))
+    if not inside[ci]:
+        return None
+    rl = _ray_lengths(inside, cc, sp_kji, r_max, dirs)
+    ray = _ray_shape(rl, dirs)
+    obj = lab == lab[ci]
+    K, J, I_ = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    d2 = ((K - cc[0]) * sp[0]) ** 2 + ((J - cc[1]) * sp[1]) ** 2 + ((I_ - cc[2]) * sp[2]) ** 2
+    ball = obj & (d2 <= (1.15 * ray["r_med"] + 0.5 * max(sp[1], sp[2])) ** 2)
+    lab2, n2 = ndi.label(ball)
+    if n2 == 0 or not lab2[ci]:
+        return None
+    return obj, lab2 == lab2[ci], ray
+
+
 def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hint: float | None,
              lung_closed_full: np.ndarray | None = None, roi_half_mm: float | None = None,
-             closing_mm: float | None = None) -> dict[str, Any] | None:
+             closing_mm: float | None = None, constrain: bool = False) -> dict[str, Any] | None:
     """Segment the blob near ``center_ijk`` (continuous i, j, k; radius estimate ``radius_mm``) in an
     ROI and measure it. ``lung_closed_full``: the anatomy's closed lung mask resampled onto the ROI
     (optional; it keeps the segmentation on the lung side of the pleura). ``closing_mm``: radius of
-    the rolling ball that defines the lung side locally (default: scaled to the blob). None when
-    nothing fits."""
+    the rolling ball that defines the lung side locally (default: scaled to the blob). ``constrain``:
+    the juxtavascular hypothesis — the blob is a ball on a structure as thick as itself, which no
+    opening separates: rays cast from the candidate's centre (re-centred on the ball) measure its
+    radius in every direction; the blob is what lies within 1.15 median radii, and the rays that run
+    on (into the vessel) are measured. None when nothing fits."""
     di, dj, dk = (float(s) for s in series.spacing)
     sp_kji = (dk, dj, di)
     r = float(np.clip(radius_mm, 1.5, 35.0))
@@ -464,6 +552,14 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
                 core = core_first
                 thr = bg + 0.5 * contrast
     obj, final, raw_n, opened_frac = res
+    ray: dict[str, Any] = {}
+    if constrain:
+        cons = _constrained_blob(sm > thr, lung & ~bone, c.astype(float), sp_kji, r)
+        if cons is None:
+            return None
+        obj, final, ray = cons
+        raw_n = int(obj.sum())
+        opened_frac = float(final.sum()) / max(raw_n, 1)
     nvox = int(final.sum())
     if nvox == 0:
         return None
@@ -519,6 +615,10 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
     bnd = ndi.binary_dilation(final) & ~final
     wall = bnd & ~lung
     wall_frac = float(wall.sum()) / max(1, int(bnd.sum()))
+    # what lies beyond the contact: the same density carrying on (a vessel entering the lung, the
+    # chest wall's muscle) or less (fat); where (series voxels, k j i), for the anatomy's labels
+    wall_cont = float((sm[wall] > thr).mean()) if wall.any() else 0.0
+    wall_kji = np.argwhere(wall) + np.array([sk.start, sj.start, si.start])
     # branches leaving a shell around the blob (vessels run through it, a nodule does not)
     K2 = (K * dk - cen[2]) ** 2 + (J * dj - cen[1]) ** 2 + (I_ * di - cen[0]) ** 2
     R = 0.5 * eq_d + max(2.5, 0.3 * eq_d)
@@ -552,6 +652,7 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
                 mean_d = 0.5 * (long_ + short)
                 volume = max(volume, np.pi / 6.0 * d_fit ** 3)
     return {
+        **ray, "constrained": constrain, "wall_cont": wall_cont, "wall_kji": wall_kji[::max(1, len(wall_kji) // 200)],
         "z_extent_mm": float((kk.max() - kk.min() + 1) * dk), "sphere_rms": sphere_rms,
         "opened_local": opened_local, "r_fit": r_fit,
         "voxel_in_plane_mm": 0.5 * (di + dj), "voxel_mm3": vox, "noise": noise, "wall_frac": wall_frac, "shell_ratio": shell_ratio, "n_branch": n_branch, "juxtapleural": juxta,
@@ -586,7 +687,22 @@ def _confidence(seg: dict[str, Any], cand: dict[str, Any]) -> float:
     rn = cand.get("resp", 0.0) / max(seg["contrast"], 1.0) if "resp" in cand else 0.15
     blob = cand.get("blob", 0.8)
     s = 1.0
-    if seg.get("juxtapleural"):
+    if seg.get("constrained"):
+        # juxtavascular hypothesis: a ball on a vessel about as thick as itself. The rays from its
+        # centre end at one radius except those that run into the vessel, and those lie on one side
+        # of it (a vessel passing by); a bend or a bifurcation spreads them over several sides, a tube
+        # through the centre sends them both ways. Only for small balls (the opening of the default
+        # hypothesis separates a nodule thicker than ~1.5x its vessel), and only dense ones: a small
+        # vessel's partial volume keeps its contrast low.
+        s *= _ramp(seg["elong"], 1.6, 1.45)
+        s *= _ramp(seg.get("ray_cv", 1.0), 0.2, 0.15)
+        s *= _ramp(seg.get("f_long", 1.0), 0.3, 0.2)
+        s *= _ramp(seg.get("long_asym", 0.0), 0.6, 0.7)
+        s *= _ramp(seg.get("r_med", 99.0), JV_MAX_RADIUS_MM + 0.5, JV_MAX_RADIUS_MM)
+        s *= _ramp(blob, 0.55, 0.6)
+        s *= _ramp(rn, 0.08, 0.09)
+        s *= _ramp(seg["contrast"], 500.0, 600.0)
+    elif seg.get("juxtapleural"):
         # the visible cap of a nodule on the pleura: flat on one side (elongated), but whole, not
         # fed by vessels, and dense; the hilum's vessel stumps are none of these
         s *= _ramp(seg["elong"], 3.6, 3.2)
@@ -601,13 +717,24 @@ def _confidence(seg: dict[str, Any], cand: dict[str, Any]) -> float:
         s *= _ramp(seg["shell_ratio"], 0.4, 0.3)
         s *= _ramp(seg["opened_frac"], 0.7, 0.8)
         s *= _ramp(seg["contrast"], 400.0, 500.0)
+        # at the hilum the pulmonary vessels leave the mediastinum: a blob on the mediastinal pleura
+        # is taken for a nodule only as a clear cap (at least half of it free, no vessel leaving it)
+        hilar = _ramp(seg.get("wall_med", 0.5), 0.5, 0.7)
+        clear = (_ramp(seg["wall_frac"], 0.4, 0.35) * _ramp(float(seg.get("n_branch", 0)), 2.5, 1.5)
+                 * _ramp(seg["shell_ratio"], 0.2, 0.12))
+        s *= 1.0 - hilar * (1.0 - clear)
     else:
         el = seg["elong"]
         s *= _ramp(el, 2.1, 1.7)
-        s *= _ramp(blob, 0.55, 0.65)
+        # a round blob that nothing leaves in 3-D (no vessel through its shell, nothing opened off) is
+        # a ball whatever the Hessian says: a ground-glass nodule's soft, uneven density dilutes the
+        # filter's blobness and response (not for small ones, where noise makes such blobs)
+        iso = (_ramp(el, 1.5, 1.35) * _ramp(seg["shell_ratio"], 0.15, 0.05) * _ramp(seg["opened_frac"], 0.9, 0.97)
+               * (1.0 if seg.get("n_branch", 0) == 0 else 0.0) * _ramp(seg["mean_d"], 6.0, 7.0))
+        s *= _ramp(blob, 0.55 - 0.15 * iso, 0.65 - 0.15 * iso)
         # a round segmented blob that is also round to the Hessian is a ball even when the filter's
         # response is diluted (a large nodule between two scales, or on a vessel)
-        round_ = _ramp(el, 1.45, 1.3) * _ramp(blob, 0.7, 0.75)
+        round_ = max(_ramp(el, 1.45, 1.3) * _ramp(blob, 0.7, 0.75), iso)
         s *= _ramp(rn, 0.09 - 0.03 * round_, 0.11 - 0.03 * round_)
         # a compact blob may carry more vessel (juxtavascular); an elongated one may not
         compact = _ramp(el, 1.6, 1.4)
@@ -658,7 +785,10 @@ def _to_finding(series: Series, anat: Anatomy | None, seg: dict[str, Any], conf:
     if seg.get("juxtapleural"):
         notes.append("juxtapleural: it touches the pleura; its size comes from a sphere fitted to its free "
                      "(lung-facing) surface")
-    if seg.get("opened_frac", 1.0) < 0.85:
+    if seg.get("constrained"):
+        notes.append("juxtavascular: it sits on a vessel about as thick as itself; measured as the ball around "
+                     "its centre, the vessel cut off at its surface")
+    elif seg.get("opened_frac", 1.0) < 0.85:
         notes.append("juxtavascular: attached vessels were cut off before measuring")
     return Finding(
         id=fid, kind=kind, label=f"{seg['attenuation']} {kind}", region=region, side=side, zone=zone,  # type: ignore[arg-type]
@@ -687,6 +817,29 @@ def _local_ball_mm(radius_mm: float) -> float:
     return max(1.3 * float(np.clip(radius_mm, 1.5, 35.0)) + 2.0, 6.0)
 
 
+_MEDIASTINAL_LABELS = tuple(sorted({lab for n in ("mediastinum", "trachea", "right main bronchus", "left main bronchus")
+                                     for lab in REGION_LABELS[n]}))
+_WALL_LABELS = (REGION_LABELS["ribs"][0], REGION_LABELS["spine"][0])
+HILAR_LOOK_MM = 6.0  # how far beyond a pleural contact the anatomy is looked at
+
+
+def _mediastinal_share(anat: Anatomy | None, wall_kji: np.ndarray) -> float:
+    """What lies just beyond a blob's contact with the wall (within ``HILAR_LOOK_MM`` of its centre):
+    the share of mediastinal structures (mediastinum, heart, aorta, airways) among those and the
+    bony chest wall (ribs, spine), from the anatomy's labels; 0.5 when neither is there."""
+    if anat is None or len(wall_kji) == 0:
+        return 0.5
+    g = anat.grid
+    cen = (np.asarray(wall_kji, dtype=float).mean(axis=0) - np.asarray(g.offset)) / np.asarray(g.factors)
+    n = [int(np.ceil(HILAR_LOOK_MM / s)) for s in (g.spacing[2], g.spacing[1], g.spacing[0])]
+    lo = np.clip(np.round(cen).astype(int) - n, 0, np.asarray(g.shape) - 1)
+    hi = np.clip(np.round(cen).astype(int) + n + 1, 1, np.asarray(g.shape))
+    sub = anat.labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    med = int(np.isin(sub, _MEDIASTINAL_LABELS).sum())
+    wall = int(np.isin(sub, _WALL_LABELS).sum())
+    return 0.5 if med + wall == 0 else med / (med + wall)
+
+
 def _segment_scored(series: Series, anat: Anatomy | None, paren: float | None, ijk: np.ndarray, r: float,
                     cand: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
     """Segment a candidate and score it. A blob against the pleura gets a second hypothesis for the
@@ -701,13 +854,23 @@ def _segment_scored(series: Series, anat: Anatomy | None, paren: float | None, i
     best: tuple[float, dict[str, Any]] | None = None
     seg = _segment(series, ijk, r, paren, lung_roi, half)
     if seg is not None:
+        seg["wall_med"] = _mediastinal_share(anat, seg["wall_kji"])
         best = (_confidence(seg, cand), seg)
     if seg is not None and seg["wall_frac"] >= 0.05 and _local_ball_mm(r) < PLEURAL_CLOSING_MM:
         seg2 = _segment(series, ijk, r, paren, lung_roi, half, closing_mm=PLEURAL_CLOSING_MM)
         if seg2 is not None:
+            seg2["wall_med"] = _mediastinal_share(anat, seg2["wall_kji"])
             conf2 = _confidence(seg2, cand)
             if best is None or conf2 > best[0]:
                 best = (conf2, seg2)
+    # a small ball on a vessel as thick as itself: the opening cannot separate them
+    if (best is None or (best[0] < MIN_CONFIDENCE and not best[1]["juxtapleural"])) and cand.get("blob", 0.8) >= 0.55 \
+            and r <= 2.0 * JV_MAX_RADIUS_MM:
+        seg3 = _segment(series, ijk, r, paren, lung_roi, half, constrain=True)
+        if seg3 is not None and seg3["wall_frac"] < 0.05:
+            conf3 = _confidence(seg3, cand)
+            if best is None or conf3 > best[0]:
+                best = (conf3, seg3)
     return best
 
 
