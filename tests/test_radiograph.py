@@ -107,6 +107,10 @@ def test_compare_drr_pair_grown_nodule(drr_patient: dict[str, Any], tmp_path: Pa
     assert m, "the grown nodule should be matched on the current film"
     f = next(x for x in res.findings if x.id == next(iter(m.values())))
     assert f.change is not None and f.change.status == "grew"
+    # both films measured again together (same start radius and window): the change is their difference
+    assert any("re-measured together" in n for n in f.notes)
+    assert f.diameter_mm is not None and f.change.prior_diameter_mm is not None
+    assert abs(f.diameter_mm - f.change.prior_diameter_mm - (f.change.diameter_change_mm or 0.0)) < 0.11
     roles = {e.role for e in res.evidence}
     assert {"before-after", "subtraction"} <= roles
 
@@ -151,3 +155,63 @@ def test_real_film_rg1(rg1: Any, tmp_path: Path) -> None:
         assert 0 <= f.bbox_px[0] < f.bbox_px[2] < s.pixels.shape[2]
         assert not math.isnan(f.diameter_mm or 0.0)
     assert res.evidence and all(Path(e.path).stat().st_size < 300_000 for e in res.evidence)
+
+
+def _synthetic_lung(n: int = 161) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:n, 0:n].astype(float)
+    rng = np.random.default_rng(3)
+    img = 0.3 + 0.0005 * xx + 0.004 * rng.standard_normal((n, n))
+    return img, np.ones((n, n), dtype=bool)
+
+
+def test_band_evidence_tells_a_sphere_from_a_rib_crossing() -> None:
+    from tools.radiograph import _band_evidence
+
+    img, allow = _synthetic_lung()
+    n = img.shape[0]
+    yy, xx = np.mgrid[0:n, 0:n].astype(float)
+    c, rad = n // 2, 10.0
+    sphere = img + 0.05 * np.sqrt(np.clip(1 - ((yy - c) ** 2 + (xx - c) ** 2) / rad ** 2, 0, None))
+    # two straight bands (ribs) crossing at the centre: a bright diamond where a blob detector sees a nodule
+    b1 = np.sqrt(np.clip(1 - ((yy - c) * np.cos(0.35) - (xx - c) * np.sin(0.35)) ** 2 / rad ** 2, 0, None))
+    b2 = np.sqrt(np.clip(1 - ((yy - c) * np.cos(-0.5) - (xx - c) * np.sin(-0.5)) ** 2 / rad ** 2, 0, None))
+    crossing = img + 0.03 * (b1 + b2)
+    es = _band_evidence(sphere, allow, c, c, rad)
+    ec = _band_evidence(crossing, allow, c, c, rad)
+    assert es["llr_band"] > 0.5 and es["t_given_bands"] > 20
+    assert ec["llr_band"] < 0 and ec["t_given_bands"] < 0.5 * es["t_given_bands"]
+
+
+def test_opacity_scores_do_not_depend_on_film_contrast() -> None:
+    """The scorer measures a spot against its film's own texture, so scaling a film's contrast (exposure,
+    processing) leaves every candidate's probability unchanged."""
+    from tools.radiograph import _opacity_candidates
+
+    img, _ = _synthetic_lung(201)
+    yy, xx = np.mgrid[0:201, 0:201].astype(float)
+    for (r, c, rad) in ((60, 70, 9.0), (140, 120, 6.0)):
+        img = img + 0.04 * np.sqrt(np.clip(1 - ((yy - r) ** 2 + (xx - c) ** 2) / rad ** 2, 0, None))
+    fields = np.zeros(img.shape, dtype=np.uint8)
+    fields[10:190, 10:190] = 1
+    a, _, _, _ = _opacity_candidates(img.astype(np.float32), fields, 1.0)
+    b, _, _, _ = _opacity_candidates((0.4 * img).astype(np.float32), fields, 1.0)
+    assert a and len(a) == len(b)
+    assert a[0]["conf"] > 0.5 and {(round(x["row"]), round(x["col"])) for x in a[:2]} == {(60, 70), (140, 120)}
+    assert np.allclose([x["conf"] for x in a], [x["conf"] for x in b], atol=1e-3)
+
+
+def test_opacity_score_is_relative_to_the_films_own_level() -> None:
+    """A film whose every spot is k times more contrasted than another's (a harder exposure, other
+    processing) scores them alike: contrast counts against the film's median, not in absolute units."""
+    from tools.radiograph import _opacity_score
+
+    fit = {"t": 30.0, "A": 0.03, "sigma": 0.01, "sec_max": 0.3, "sec_2": 0.2, "sec_mean": 0.0, "elong": 1.1,
+           "llr_band": 0.1, "t_given_bands": 20.0}
+    stats = {"log_t": math.log(15.0), "log_a": math.log(0.01), "log_as": math.log(1.5)}
+    k = 3.0
+    fit_k = {**fit, "A": fit["A"] * k}
+    stats_k = {**stats, "log_a": stats["log_a"] + math.log(k), "log_as": stats["log_as"] + math.log(k)}
+    s0 = _opacity_score(fit, 6.0, 1.25, 0.01, stats)
+    assert abs(s0 - _opacity_score(fit_k, 6.0, 1.25, 0.01, stats_k)) < 1e-9
+    # ... while a spot that stands out more from the same film scores higher
+    assert _opacity_score(fit_k, 6.0, 1.25, 0.01, stats) > s0 + 1.0

@@ -28,16 +28,21 @@ inverted by :mod:`tools.dicom_io`, so bone and soft tissue are bright and the lu
    :func:`_sphere_fit_maps`), so the bright mediastinum, apex or chest wall next to an opacity neither
    hides it nor passes for it; local maxima of ``t = A / se(A)`` (the contrast against the local
    texture) are the candidates. Each is scored by a logistic model (``OPACITY_WEIGHTS``, fitted on DRR
-   seeds 20-29 only): t, contrast over the local and over the lungs' small-scale texture, size, the
+   seeds 20-29 only): its t, contrast and contrast over the local texture *relative to the film's own
+   median spot* (:func:`_film_stats`: exposure and texture differ between films), size, the
    background-subtracted annulus per angular sector (vessels, ribs and the hilum leave bright sectors or
-   bright surroundings; a nodule's are flat) and elongation. Sizes come from the fitted radius, refined
+   bright surroundings; a nodule's are flat), elongation, and how much better a sphere explains the spot
+   than one or two straight bands through it (:func:`_band_evidence`: ribs, vessels and their bright
+   crossings). Sizes come from the fitted radius, refined
    (sub-pixel centre, continuous radius) by least squares on a fixed window. Long/short axis and their
    mean are reported in mm when the pixel spacing is known, else pixels.
 
 ``run_radiograph_detector(study, req)`` answers the same requests as the CT detector;
 ``compare_radiographs(current, prior)`` registers the prior to the current film (SimpleITK 2-D,
 similarity then affine, on the lung-field region), matches opacities (Hungarian on registered
-distance) and classifies size change (Lung-RADS rule: grew when the mean diameter rose > 1.5 mm).
+distance), re-measures both films of each matched pair the same way (:func:`_paired_remeasure`: same start
+radius and window in mm, so the fit's biases cancel in the difference) and classifies size change (Lung-RADS
+rule: grew when the mean diameter rose > 1.5 mm).
 ``evaluate_radiographs(seeds)`` measures all this on DRR pairs projected from the CT phantoms.
 """
 from __future__ import annotations
@@ -66,7 +71,7 @@ MIN_OPACITY_MM = 6.0  # smallest opacity reported
 MASS_MM = 30.0
 GROWTH_MM = 1.5
 CP_BLUNT_DEG = 90.0
-MIN_CONFIDENCE = 0.145  # opacity probability (logistic, below) reported: <= 1 false positive per film on seeds 20-29
+MIN_CONFIDENCE = 0.15  # opacity probability (logistic, below) reported: 0.9 false positive per film on seeds 20-29
 MAX_OPACITIES = 12
 HEART_TOP_FRAC = 0.65  # the heart borders are sought below this fraction of the fields' height
 LINE_MM = 35.0  # line openings: nodules shorter than this in every direction survive
@@ -77,12 +82,16 @@ FIT_CORE_FRAC = 0.6  # ... and needs this fraction of its disk inside the lung f
 SIZE_RANGE = (0.6, 1.6)  # sizing: the refined radius stays within these factors of the detected one
 N_SECTORS = 12  # angular sectors of the annulus test
 MAX_PEAKS = 80  # fitted spots scored per film
-# logistic model of "this fitted spot is an opacity" (fitted on the DRR films of seeds 20-29 only; seeds
-# 100-109 held out): t and contrast over the local texture and over the lungs' small-scale texture (the
-# line-opening residual's RMS), size, bright annulus sectors (vessels, ribs, hilum) and elongation
-OPACITY_WEIGHTS = {"log_t": 2.2166, "log_a_noise": 1.5986, "log_a_sigma": 1.7754, "log_d_mm": -0.3932,
-                   "sec_max": 1.7721, "sec_2": -0.802, "sec_mean": -10.9562, "elong": -1.5898}
-OPACITY_BIAS = -12.5255
+# logistic model of "this fitted spot is an opacity" (fitted on the candidates of the DRR films of seeds 20-29
+# only, L2-regularised (C = 0.1 on standardised features); seeds 100-109 held out): the spot's prominence over
+# its film's own null level (log t, log A, log A/sigma minus their medians over the film's fitted spots: films
+# differ in exposure and texture, so absolute contrasts do not transfer), size, bright annulus sectors
+# (vessels, ribs, hilum), elongation, and the sphere-versus-bands evidence (ribs, vessels and their crossings)
+OPACITY_WEIGHTS = {"rel_t": 1.6482, "rel_a": 0.9706, "rel_as": 1.0977, "log_d_mm": 0.0552, "sec_max": 0.3149,
+                   "sec_2": -0.675, "sec_mean": -5.0943, "elong": -0.6351, "llr_band": 0.4888, "t_bands": 0.2419}
+OPACITY_BIAS = -4.0873
+N_BAND_DIR = 12  # band hypotheses (ribs, vessels): orientations ...
+BAND_WIDTHS = (0.6, 1.0, 1.6)  # ... and half-widths in units of the spot's radius
 REMEASURE_MIN_CONF = 0.07  # a second look at a known position (the prior's opacity, a pointed pixel)
 HYST_LOW = 0.4  # hysteresis: weak threshold as a fraction of the Otsu threshold of the top-hat
 
@@ -115,6 +124,7 @@ class RadiographAnalysis:
     candidates: list[dict[str, Any]] = field(default_factory=list)  # all scored blob candidates (debug)
     residual: np.ndarray | None = None  # line-opening residual of the working image (blobs)
     residual_rms: float = 1.0
+    film_stats: dict[str, float] = field(default_factory=dict)  # the film's null level (see _film_stats)
 
     @property
     def units(self) -> str:
@@ -606,13 +616,88 @@ def _local_fit(img: np.ndarray, allow: np.ndarray, row: float, col: float, rad: 
             "sec_mean": float(np.mean(vals)) if vals else 1.0, "elong": elong, "rss": float(res @ res)}
 
 
-def _opacity_score(fit: dict[str, Any], rad: float, px_per_mm: float, noise: float) -> float:
+def _band_evidence(img: np.ndarray, allow: np.ndarray, row: float, col: float, rad: float) -> dict[str, float]:
+    """Sphere versus line structures at a spot: the window of :func:`_local_fit` is explained (least squares,
+    sloping background) either by the projected sphere or by one or two straight bands through the spot
+    (a projected cylinder's profile, ``N_BAND_DIR`` orientations, half-widths ``BAND_WIDTHS`` radii: ribs
+    and vessels, and the bright crossing of two of them that a blob detector takes for a nodule). Returns
+    ``llr_band``: log(RSS of the best band model / RSS of the sphere model), > 0 when the sphere explains
+    the window better, and ``t_given_bands``: the sphere's t when the best pair of bands is fitted with it."""
+    h, w = img.shape
+    n = int(math.ceil(FIT_WINDOW * rad)) + 1
+    r0, r1 = max(0, int(round(row)) - n), min(h, int(round(row)) + n + 1)
+    c0, c1 = max(0, int(round(col)) - n), min(w, int(round(col)) + n + 1)
+    yy, xx = np.mgrid[r0:r1, c0:c1].astype(np.float64)
+    u, v = (yy - row) / rad, (xx - col) / rad
+    m = allow[r0:r1, c0:c1] & (u * u + v * v <= FIT_WINDOW ** 2)
+    if int(m.sum()) < 30:
+        return {"llr_band": 0.0, "t_given_bands": 0.0}
+    y = img[r0:r1, c0:c1].astype(np.float64)[m]
+    uu, vv = u[m], v[m]
+    cols = [np.ones_like(uu), uu, vv, np.sqrt(np.clip(1.0 - uu * uu - vv * vv, 0.0, None))]
+    for k in range(N_BAND_DIR):
+        th = k * math.pi / N_BAND_DIR
+        dist = np.abs(-math.sin(th) * uu + math.cos(th) * vv)
+        cols += [np.sqrt(np.clip(1.0 - (dist / wf) ** 2, 0.0, None)) for wf in BAND_WIDTHS]
+    x = np.column_stack(cols)
+    g, b, yty = x.T @ x, x.T @ y, float(y @ y)
+    nb = len(cols) - 4
+
+    def fits(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # batched least squares
+        gs = g[idx[:, :, None], idx[:, None, :]]
+        gs = gs + np.eye(idx.shape[1])[None] * (1e-9 + 1e-7 * np.trace(gs, axis1=1, axis2=2)[:, None, None])
+        bs = b[idx]
+        beta = np.linalg.solve(gs, bs[..., None])[..., 0]
+        return beta, np.maximum(yty - np.einsum("pk,pk->p", beta, bs), 1e-12), gs
+
+    ii, jj = np.triu_indices(nb, 1)
+    bg = np.tile(np.arange(3), (ii.size, 1))
+    _, rss_sph, _ = fits(np.array([[0, 1, 2, 3]]))
+    singles = np.column_stack([np.tile(np.arange(3), (nb, 1)), 4 + np.arange(nb)])
+    _, rss_1, _ = fits(singles)
+    _, rss_2, _ = fits(np.column_stack([bg, 4 + ii, 4 + jj]))
+    beta, rss_f, gs = fits(np.column_stack([bg, np.full(ii.size, 3), 4 + ii, 4 + jj]))
+    j = int(np.argmin(rss_f))
+    sig = math.sqrt(float(rss_f[j]) / max(1, y.size - 6))
+    se = sig * math.sqrt(max(float(np.linalg.inv(gs[j])[3, 3]), 1e-12))
+    rss_band = min(float(rss_1.min()), float(rss_2.min()))
+    return {"llr_band": math.log(rss_band / float(rss_sph[0])), "t_given_bands": float(beta[j, 3]) / se}
+
+
+_NO_STATS = {"log_t": 0.0, "log_a": 0.0, "log_as": 0.0}
+
+
+def _film_stats(fits: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians over one film's fitted spots (nearly all of them background texture) of log t, log A and
+    log(A / sigma): the film's own null level, against which a spot's prominence is measured (films differ
+    in exposure, processing and texture, so an absolute contrast does not transfer between films)."""
+    if not fits:
+        return dict(_NO_STATS)
+    return {"log_t": float(np.median([math.log(max(f["t"], 1.0)) for f in fits])),
+            "log_a": float(np.median([math.log(max(f["A"], 1e-4)) for f in fits])),
+            "log_as": float(np.median([math.log(max(f["A"], 1e-4) / f["sigma"]) for f in fits]))}
+
+
+def _opacity_features(fit: dict[str, Any], rad: float, px_per_mm: float, noise: float,
+                      stats: dict[str, float]) -> dict[str, float]:
+    """The scorer's inputs for one fitted spot (see ``OPACITY_WEIGHTS``)."""
+    log_t = math.log(max(fit["t"], 1.0))
+    log_a = math.log(max(fit["A"], 1e-4))
+    t_b = float(fit.get("t_given_bands", 0.0))
+    return {"log_t": log_t, "log_a_noise": log_a - math.log(max(noise, 1e-6)),
+            "log_a_sigma": log_a - math.log(fit["sigma"]), "log_d_mm": math.log(2.0 * rad / px_per_mm),
+            "sec_max": fit["sec_max"], "sec_2": fit["sec_2"], "sec_mean": fit["sec_mean"], "elong": fit["elong"],
+            "rel_t": log_t - stats["log_t"], "rel_a": log_a - stats["log_a"],
+            "rel_as": log_a - math.log(fit["sigma"]) - stats["log_as"],
+            "llr_band": float(fit.get("llr_band", 0.0)), "t_bands": math.copysign(math.log1p(abs(t_b)), t_b)}
+
+
+def _opacity_score(fit: dict[str, Any], rad: float, px_per_mm: float, noise: float,
+                   stats: dict[str, float] | None = None) -> float:
     """Log-odds that a fitted spot is an opacity (logistic model over the fit's features, see
     ``OPACITY_WEIGHTS``)."""
-    feats = {"log_t": math.log(max(fit["t"], 1.0)), "log_a_noise": math.log(max(fit["A"], 1e-4) / max(noise, 1e-6)),
-             "log_a_sigma": math.log(max(fit["A"], 1e-4) / fit["sigma"]), "log_d_mm": math.log(2.0 * rad / px_per_mm),
-             "sec_max": fit["sec_max"], "sec_2": fit["sec_2"], "sec_mean": fit["sec_mean"], "elong": fit["elong"]}
-    return OPACITY_BIAS + sum(OPACITY_WEIGHTS[k] * v for k, v in feats.items())
+    feats = _opacity_features(fit, rad, px_per_mm, noise, stats or _NO_STATS)
+    return OPACITY_BIAS + sum(w * feats[k] for k, w in OPACITY_WEIGHTS.items())
 
 
 def _refine_fit(img: np.ndarray, allow: np.ndarray, row: float, col: float, rad: float
@@ -644,13 +729,13 @@ def _refine_fit(img: np.ndarray, allow: np.ndarray, row: float, col: float, rad:
 
 
 def _opacity_candidates(work: np.ndarray, fields: np.ndarray, px_per_mm: float
-                        ) -> tuple[list[dict[str, Any]], np.ndarray, float]:
+                        ) -> tuple[list[dict[str, Any]], np.ndarray, float, dict[str, float]]:
     """Rounded opacities: dense projected-sphere fits (:func:`_sphere_fit_maps`) over ``FIT_STEP``-spaced
     radii inside the lung fields; local maxima of ``t`` at each radius, suppressed across radii (the
     highest t wins within the larger radius), the best ``MAX_PEAKS`` scored by :func:`_opacity_score`."""
     lung = fields > 0
     if not lung.any():
-        return [], np.zeros_like(work), 1.0
+        return [], np.zeros_like(work), 1.0, dict(_NO_STATS)
     img = ndi.gaussian_filter(work.astype(np.float32), 0.7)
     allow = lung
     res_s = _line_residual(img, max(7.0, LINE_MM * px_per_mm))
@@ -675,12 +760,15 @@ def _opacity_candidates(work: np.ndarray, fields: np.ndarray, px_per_mm: float
         fit = _local_fit(img, allow, c["row"], c["col"], c["radius"])
         if fit is None:
             continue
-        score = _opacity_score(fit, c["radius"], px_per_mm, noise)
+        fit.update(_band_evidence(img, allow, c["row"], c["col"], c["radius"]))
         ri, ci = int(round(c["row"])), int(round(c["col"]))
-        out.append({**c, "fit": fit, "score": score, "conf": 1.0 / (1.0 + math.exp(-score)),
-                    "in_field": bool(lung[ri, ci]), "z_contrast": fit["A"] / noise})
+        out.append({**c, "fit": fit, "in_field": bool(lung[ri, ci]), "z_contrast": fit["A"] / noise})
+    stats = _film_stats([c["fit"] for c in out])
+    for c in out:
+        c["score"] = _opacity_score(c["fit"], c["radius"], px_per_mm, noise, stats)
+        c["conf"] = 1.0 / (1.0 + math.exp(-c["score"]))
     out.sort(key=lambda c: -c["conf"])
-    return out, res_s, noise
+    return out, res_s, noise, stats
 
 
 def _opacity_seg(img: np.ndarray, allow: np.ndarray, c: dict[str, Any], px_per_mm: float) -> dict[str, Any]:
@@ -838,11 +926,12 @@ def _analyze(series: Series) -> RadiographAnalysis:
         if side_bias < -0.08:
             notes.append("the heart lies mostly on the image left: the film may be displayed mirrored (or "
                          "dextrocardia); sides are reported as displayed (patient's right on the image left)")
-    cands, residual, res_noise = _opacity_candidates(work, fields, px_per_mm)
+    cands, residual, res_noise, film_stats = _opacity_candidates(work, fields, px_per_mm)
     img = ndi.gaussian_filter(work.astype(np.float32), 0.7)
+    domain = fields > 0
     good = [c for c in cands if c["conf"] >= MIN_CONFIDENCE][:MAX_OPACITIES]
     for c in good:
-        c["seg"] = _opacity_seg(img, fields > 0, c, px_per_mm)
+        c["seg"] = _opacity_seg(img, domain, c, px_per_mm)
         c["diam_mm_est"] = c["seg"]["diam"] / px_per_mm
     good.sort(key=lambda c: -c["seg"]["diam"])
     opac = [_opacity_finding(series, c, n + 1, f, spacing, fields, boxes, mid) for n, c in enumerate(good)]
@@ -853,7 +942,8 @@ def _analyze(series: Series) -> RadiographAnalysis:
     dbg = [{k: v for k, v in c.items() if k not in ("seg", "fit")} | {k: v for k, v in c["fit"].items()}
            for c in cands[:MAX_PEAKS]]
     return RadiographAnalysis(series.series_uid, full_shape, f, spacing, work, fields, mid * f + (f - 1) / 2.0, boxes,
-                              ctr, ctr_geo, cps, domes, opac, px_per_mm, rt, notes, dbg, residual, res_noise)
+                              ctr, ctr_geo, cps, domes, opac, px_per_mm, rt, notes, dbg, residual, res_noise,
+                              film_stats)
 
 
 def _opacity_finding(series: Series, c: dict[str, Any], n: int, f: int, spacing: tuple[float, float] | None,
@@ -932,7 +1022,8 @@ def measure_at_px(series: Series, col: float, row: float, analysis: RadiographAn
     fit = _local_fit(img, lung, pr, pc, rad)
     if fit is None:
         return None
-    score = _opacity_score(fit, rad, ppm, an.residual_rms)
+    fit.update(_band_evidence(img, lung, pr, pc, rad))
+    score = _opacity_score(fit, rad, ppm, an.residual_rms, an.film_stats or None)
     conf = 1.0 / (1.0 + math.exp(-score))
     if conf < REMEASURE_MIN_CONF:
         return None
@@ -1414,6 +1505,39 @@ def _classify(d_now: float, d_prior: float, thr: float) -> str:
     return "stable"
 
 
+def _paired_remeasure(cs: Series, ps: Series, ca: RadiographAnalysis, pa: RadiographAnalysis, c: Finding,
+                      p: Finding) -> tuple[Finding, Finding] | None:
+    """Both films' opacity of a matched pair measured again the same way, so that the method's biases
+    (the background window, the start radius, the texture it includes) are the same on both and cancel in
+    the change: each film's projected-sphere fit is refined (:func:`_opacity_seg`) from the pair's mean
+    radius in mm, over a window of the same size in mm, from that film's own centre. Films with a known
+    pixel spacing only; returns the re-measured (current, prior) findings, None when a fit fails."""
+    if c.diameter_mm is None or p.diameter_mm is None or c.bbox_px is None or p.bbox_px is None:
+        return None
+    rad_mm = 0.25 * (float(c.diameter_mm) + float(p.diameter_mm))
+    out: list[Finding] = []
+    for series, an, fnd in ((cs, ca, c), (ps, pa, p)):
+        f, ppm = an.factor, an.px_per_mm_est
+        col, row = _center_px(fnd)
+        r_w, c_w = (row - (f - 1) / 2.0) / f, (col - (f - 1) / 2.0) / f
+        img = ndi.gaussian_filter(an.work.astype(np.float32), 0.7)
+        lung = an.fields > 0
+        fit = _local_fit(img, lung, r_w, c_w, rad_mm * ppm)
+        if fit is None:
+            return None
+        cand: dict[str, Any] = {"row": r_w, "col": c_w, "radius": rad_mm * ppm, "fit": fit,
+                                "conf": fnd.confidence or 0.0}
+        cand["seg"] = _opacity_seg(img, lung, cand, ppm)
+        cand["diam_mm_est"] = cand["seg"]["diam"] / ppm
+        mid_w = int(round((an.midline_col - (f - 1) / 2.0) / f))
+        m = _opacity_finding(series, cand, 1, f, an.spacing_mm, an.fields, an.boxes, mid_w, fid=fnd.id)
+        out.append(fnd.model_copy(update={
+            "diameter_mm": m.diameter_mm, "long_axis_mm": m.long_axis_mm, "short_axis_mm": m.short_axis_mm,
+            "bbox_px": m.bbox_px, "bbox_mm": m.bbox_mm, "center_mm": m.center_mm,
+            "notes": fnd.notes + ["size re-measured together with the other film (same start radius and window)"]}))
+    return out[0], out[1]
+
+
 def compare_radiographs(current_study: Study, prior_study: Study, regions: list[str] | None = None,
                         focus: str = "all", evidence_dir: Path | str | None = None) -> Any:
     """Compare the current chest film with a prior one of the same patient: registration, matched rounded
@@ -1493,6 +1617,9 @@ def compare_radiographs(current_study: Study, prior_study: Study, regions: list[
         if p is None:
             c.change = Change(status="new", interval_days=interval)
         else:
+            pm = _paired_remeasure(cs, ps, ca, pa, c, p) if units == "mm" else None
+            if pm is not None:
+                c, p = pm
             dp = d_pri(p)
             status = _classify(d_cur(c), dp, thr)
             c.change = Change(status=status, prior_diameter_mm=round(dp, 1), prior_center_mm=p.center_mm,
