@@ -120,6 +120,7 @@ def comparer_accuracy(seeds: list[int], size: str, workdir: Path) -> dict[str, A
     tre: list[float] = []
     dchange: list[float] = []
     times: list[float] = []
+    wrong: list[str] = []
     for seed in seeds:
         pdir = workdir / f"cmp{seed}"
         truth = write_patient(pdir, seed=seed, size=size)
@@ -152,7 +153,12 @@ def comparer_accuracy(seeds: list[int], size: str, workdir: Path) -> dict[str, A
                         dchange.append(abs(((f.diameter_mm or 0) - f.change.prior_diameter_mm)
                                            - (n["current"]["diameter_mm"] - n["prior"]["diameter_mm"])))
             correct += int(got == want)
-    return {"change_accuracy": correct / total if total else float("nan"), "n": total,
+            if got != want:
+                ref = n["current"] or n["prior"]
+                wrong.append(f"seed {seed}: {ref['diameter_mm']:.1f} mm truth {want}, called {got or 'not found'}"
+                             + (" (juxtapleural)" if n.get("juxtapleural") else "")
+                             + (" (juxtavascular)" if n.get("juxtavascular") else ""))
+    return {"change_accuracy": correct / total if total else float("nan"), "n": total, "wrong": wrong,
             "tre_mean_mm": float(np.mean(tre)) if tre else float("nan"),
             "tre_max_mm": float(np.max(tre)) if tre else float("nan"),
             "diameter_change_err_mm": float(np.mean(dchange)) if dchange else float("nan"),
@@ -392,8 +398,9 @@ def radiograph_rows(seeds: list[int] | None = None, workdir: Path | None = None
              f"{f(r['sensitivity_ge10mm_in_field'], '.2f')} (n={r['opacities_ge_min_in_field']}) / "
              f"{f(r['sensitivity_ge10mm_all'], '.2f')} (n={r['opacities_ge_min_all']})"),
             ("radiograph", "false positives per film", f(r["fp_per_film"], ".2f")),
-            ("radiograph", "change status correct (>= 10 mm on either film)",
-             f"{f(r['change_status_accuracy'], '.2f')} (n={r['change_pairs']})"),
+            ("radiograph", "change status correct (>= 10 mm on either film): all / centre in a lung field",
+             f"{f(r['change_status_accuracy'], '.2f')} (n={r['change_pairs']}) / "
+             f"{f(r.get('change_status_accuracy_in_field'), '.2f')} (n={r.get('change_pairs_in_field')})"),
             ("radiograph", "analysis time per film", f"{f(r['analysis_s_per_film'], '.1f')} s")]
     return r, rows
 

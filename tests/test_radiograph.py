@@ -109,6 +109,7 @@ def test_compare_drr_pair_grown_nodule(drr_patient: dict[str, Any], tmp_path: Pa
     assert f.change is not None and f.change.status == "grew"
     # both films measured again together (same start radius and window): the change is their difference
     assert any("re-measured together" in n for n in f.notes)
+    assert any("95% interval" in n for n in f.notes)
     assert f.diameter_mm is not None and f.change.prior_diameter_mm is not None
     assert abs(f.diameter_mm - f.change.prior_diameter_mm - (f.change.diameter_change_mm or 0.0)) < 0.11
     roles = {e.role for e in res.evidence}
@@ -215,3 +216,10 @@ def test_opacity_score_is_relative_to_the_films_own_level() -> None:
     assert abs(s0 - _opacity_score(fit_k, 6.0, 1.25, 0.01, stats_k)) < 1e-9
     # ... while a spot that stands out more from the same film scores higher
     assert _opacity_score(fit_k, 6.0, 1.25, 0.01, stats) > s0 + 1.0
+
+
+def test_change_uncertainty_note() -> None:
+    from tools.radiograph import _change_uncertainty_note
+
+    assert "uncertain" in _change_uncertainty_note(1.7, 1.5) and "uncertain" in _change_uncertainty_note(-1.2, 1.5)
+    assert "uncertain" not in _change_uncertainty_note(4.0, 1.5) and "uncertain" not in _change_uncertainty_note(0.1, 1.5)
