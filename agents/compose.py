@@ -28,6 +28,13 @@ def merge_findings(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
+def weak_zone_checks(verification: dict[str, Any] | None, most: int = 2) -> list[str]:
+    """What to check in the lung zones whose "nothing found" the verifier rated under high (weakest first)."""
+    regions = ((verification or {}).get("details") or {}).get("regions") or {}
+    weak = sorted((r for r in regions.values() if r.get("check")), key=lambda r: r.get("p", 1.0))
+    return [r["check"] for r in weak[:most]]
+
+
 def compose(question: str, plan: dict[str, Any], results: list[dict[str, Any]], verification: dict[str, Any] | None,
             backend: dict[str, str], thread_id: str, study: dict[str, Any] | None,
             prior: dict[str, Any] | None) -> Answer:
@@ -68,10 +75,17 @@ def compose(question: str, plan: dict[str, Any], results: list[dict[str, Any]], 
         rel = Reliability(score=0.5, level="medium", method="not verified", details={})
     text = "\n\n".join(p for p in parts if p)
     caveat = (verification or {}).get("caveat") or ""
-    if caveat and rel.level == "low" and not any(r.get("recall") for r in results):
+    recall = any(r.get("recall") for r in results)
+    zone_checks = [] if recall else weak_zone_checks(verification)
+    for check in zone_checks:  # said once, with the zone's "nothing found"
+        caveat = " ".join(caveat.replace(check, " ").split())
+    if (caveat or zone_checks) and rel.level == "low" and not recall:
         # low reliability changes the answer: what to check comes first, not after the findings
-        text = f"Uncertain: {caveat}\n\n{text}"
+        text = f"Uncertain: {' '.join(zone_checks + ([caveat] if caveat else []))}\n\n{text}"
         caveat = ""
+    elif zone_checks:
+        # a zone reported empty but rated under high is not called clear: the answer says what to check there
+        text += "\n\nNot ruled out: " + " ".join(zone_checks)
     if notes:
         text += "\n\nNotes: " + " ".join(n if n.rstrip().endswith((".", "!", "?")) else n.rstrip() + "."
                                           for n in dict.fromkeys(notes))

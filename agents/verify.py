@@ -10,7 +10,8 @@
   agreement. ``RADASSIST_VERIFY_SAMPLES`` sets how many (default 3; 0 turns it off).
 
 The turn's score is the weakest unit's P(correct) times a routing factor from the re-asking agreements.
-Units rated low become a caveat saying what a reader should check.
+Units rated low become a caveat saying what a reader should check; each lung zone whose "nothing found"
+is rated under high keeps its own check (``details.regions[zone].check``), which the answer shows.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ UNVERIFIED_CAP = 0.45  # an answer resting on a vision-language model's words (t
 MAX_REMEASURED = 6  # findings re-measured per answer (largest first): keeps the verifier's cost bounded
 SAMPLE_TEMPERATURE = 0.8
 SAMPLE_TIMEOUT_S = 20.0
+ZONE_CHECK_BELOW = 0.8  # a "nothing found in this zone" rated under "high" carries what a reader should check
 SAME_MEANING = 0.9  # cosine of MiniLM sentence vectors above which two readings count as one meaning
 LESION_KINDS = ("nodule", "mass", "opacity")
 
@@ -198,17 +200,21 @@ def verify_turn(question: str, plan: dict[str, Any], results: list[dict[str, Any
     caveat = " ".join(checks)
 
     measurements = {u.key: u.info["remeasure"] for u in units if u.kind == "finding"}
-    regions = {u.key: {"p": round(u.p or 0.0, 3), **{k: v for k, v in u.info.items() if k != "zone"}}
+    regions = {u.key: {"p": round(u.p or 0.0, 3), **{k: v for k, v in u.info.items() if k != "zone"},
+                       **({"check": verifier.caveat_for(u)} if (u.p or 0.0) < ZONE_CHECK_BELOW else {})}
                for u in units if u.kind == "region"}
     changes = {u.key: {"p": round(u.p or 0.0, 3), **u.info} for u in units if u.kind == "change"}
     n_pert = sum(m["n"] for m in measurements.values()) + sum(
         (r.get("remeasure") or {}).get("n", 0) for r in regions.values()) + sum(
         (c.get("other") or c.get("prior_remeasure") or {}).get("n", 0) for c in changes.values())
+    n_probe = sum((r.get("probe") or {}).get("n", 0) for r in regions.values())
     method = f"self-consistency: {para.get('n', 0)} paraphrases"
     if sampling:
         method += f" + {sampling['n']} sampled plans clustered by meaning"
     if n_pert:
         method += f" + {n_pert} perturbed re-measurements (shift, rotation, noise, resampling)"
+    if n_probe:
+        method += f" + {n_probe} injected {verifier.PROBE_D_MM:.0f} mm test nodules (the detector's sensitivity per zone)"
     if units:
         cal = verifier.load_calibration()
         method += (f"; {method_cal} on phantom seeds {cal.seeds[0]}-{cal.seeds[-1]}" if cal and method_cal == "calibrated"
@@ -222,7 +228,7 @@ def verify_turn(question: str, plan: dict[str, Any], results: list[dict[str, Any
                     "weakest": ({"kind": ranked[0].kind, "key": ranked[0].key} if ranked else None),
                     "routing_factor": round(routing_factor(agreements), 3),
                     "repeated": {"paraphrases": para.get("n", 0), "samples": (sampling or {}).get("n", 0),
-                                 "re_measurements": n_pert}},
+                                 "re_measurements": n_pert, "test_nodules": n_probe}},
         "duration_s": round(time.perf_counter() - t0, 3),
     }
     out["summary"] = verifier.explain(out)

@@ -1,7 +1,8 @@
 """The self-consistency verifier on the session's phantom patient (seed 3; the calibration uses 5000+).
 
 A perturbation that really changes the answer (the finding moved into empty lung, a one-voxel "nodule",
-a hidden near miss) must lower the calibrated reliability; a stable finding keeps it high; the packaged
+a hidden near miss, thick slices on which injected 5 mm test nodules go unseen) must lower the
+calibrated reliability; a stable finding keeps it high; the packaged
 calibration loads and is monotone; "how sure are you?" answers from the stored verification without
 re-running any tool; on the served path, sampled plans are clustered by meaning with MiniLM.
 """
@@ -112,6 +113,87 @@ def test_a_hidden_near_miss_lowers_the_none_found_answer(ct: dict) -> None:
     assert "borderline candidate" in verifier.caveat_for(u[0])
 
 
+def test_injected_test_nodule_is_a_real_nodule_on_the_pleura_or_a_vessel(ct: dict) -> None:
+    """The sensitivity probe's sites are where small nodules hide, and what it injects measures as a 5 mm nodule."""
+    from tools.anatomy import NAME_TO_LABEL
+    from tools.detector import measure_at
+
+    s, an = ct["series"], ct["analysis"]
+    anat = an.anatomy
+    zone = "right lower zone"
+    sites = verifier.probe_sites(anat, zone, [], np.random.default_rng(0))
+    kinds = [k for k, _ in sites]
+    assert kinds.count("pleural") == verifier.N_PROBES and kinds.count("vascular") >= 1
+    for kind, c in sites:
+        v = np.round(anat.grid.mm_to_vox(c)).astype(int)
+        if kind == "pleural":  # on the zone's lung, next to the chest wall
+            assert anat.labels[v[2], v[1], v[0]] == NAME_TO_LABEL[zone]
+            around = anat.labels[v[2] - 1:v[2] + 2, v[1] - 1:v[1] + 2, v[0] - 1:v[0] + 2]
+            assert np.isin(around, [NAME_TO_LABEL[r] for r in ("body", "ribs", "spine")] + [0]).any()
+    c = np.asarray(_empty_lung_point(ct))
+    probe = verifier.inject_nodule(s, c, 6.0, 20.0, np.random.default_rng(1), verifier.noise_level(s))
+    m = measure_at(probe, c.tolist(), roi_mm=verifier.PROBE_ROI_MM)
+    assert m is not None and abs((m.diameter_mm or 0) - 6.0) < 1.0 and np.linalg.norm(np.subtract(m.center_mm, c)) < 1.5
+    before = measure_at(s, c.tolist(), roi_mm=verifier.PROBE_ROI_MM)  # nothing there before the injection
+    assert before is None or (before.diameter_mm or 0) < verifier.MIN_REFOUND_MM
+
+
+def _thick_slices(s: Series, f: int) -> Series:
+    """The same scan reconstructed with ``f`` times thicker slices (block means along the slice axis)."""
+    nk = s.pixels.shape[0] // f * f
+    px = s.pixels[:nk].reshape(nk // f, f, *s.pixels.shape[1:]).mean(axis=1)
+    return dataclasses.replace(s, series_uid=f"{s.series_uid}.thick{f}", pixels=px.astype(np.float32),
+                               spacing=(s.spacing[0], s.spacing[1], s.spacing[2] * f),
+                               origin=s.vox_to_mm(np.array([0.0, 0.0, (f - 1) / 2.0])))
+
+
+def test_thick_slices_lower_the_measured_sensitivity_and_the_none_found_answer(ct: dict) -> None:
+    """The same patient on a thick-slice reconstruction (partial volume hides small nodules): fewer injected
+    5 mm test nodules would be reported, and "nothing found" in its zones is rated lower; a perturbation that
+    really makes a miss likelier lowers the score."""
+    s, an = ct["series"], ct["analysis"]
+    thick = _thick_slices(s, 2)
+    empty = dataclasses.replace(an, candidates=[])
+    zones = list(verifier.LUNG_ZONES)
+    thin_u = verifier.region_units(s, empty, [], zones, verifier.noise_level(s))
+    thick_u = verifier.region_units(thick, empty, [], zones, verifier.noise_level(thick))
+    seen = [sum(u.info["probe"]["seen"] for u in us) for us in (thin_u, thick_u)]
+    assert all(u.info["probe"]["n"] == 2 * verifier.N_PROBES for u in thin_u)
+    assert seen[0] >= seen[1] + 8, seen
+    verifier.score_units(thin_u)
+    verifier.score_units(thick_u)
+    p_thin, p_thick = (float(np.mean([u.p for u in us])) for us in (thin_u, thick_u))
+    assert p_thick < p_thin - 0.01, (p_thin, p_thick)
+    weakest = min(thick_u, key=lambda u: u.p or 0.0)
+    assert weakest.info["probe"]["seen"] < weakest.info["probe"]["n"]
+    assert "test nodule" in verifier.caveat_for(weakest) and "lung-window slices" in verifier.caveat_for(weakest)
+
+
+def test_a_weak_zone_changes_the_answer_wording() -> None:
+    """A zone whose "nothing found" is rated under high is not called clear: the answer says what to check
+    there; rated low, that comes first."""
+    from agents.compose import compose
+
+    check = ("No nodule is reported in the left lower zone, but a 5 mm test nodule placed on the pleura "
+             "(juxtapleural) was detected in only 1/5 tries on this scan: small nodules there can be missed; "
+             "review the left lower zone's pleural surface and vessels on thin lung-window slices.")
+    result = {"tool": "detector", "title": "Detector", "status": "done", "summary": "No nodule found in the left "
+              "lower zone.", "findings": []}
+
+    def answer(score: float) -> str:
+        v = {"score": score, "method": "self-consistency", "caveat": check,
+             "details": {"regions": {"left lower zone": {"p": score, "check": check}}}}
+        return compose("any nodules in the left lower zone?", {"calls": []}, [result], v, {}, "t1", None, None).answer
+
+    medium, low = answer(0.65), answer(0.3)
+    assert "Not ruled out: " + check in medium and medium.count(check) == 1
+    assert medium.index("No nodule found") < medium.index("Not ruled out")
+    assert low.startswith("Uncertain: " + check) and low.count(check) == 1
+    high = compose("q", {"calls": []}, [result], {"score": 0.95, "method": "m", "caveat": "", "details": {
+        "regions": {"left lower zone": {"p": 0.95}}}}, {}, "t1", None, None).answer
+    assert "Not ruled out" not in high and "Uncertain" not in high
+
+
 def test_calibration_file_loads_is_disjoint_and_monotone() -> None:
     from tools.verifier_calibrate import EVALUATION_SEEDS
 
@@ -148,6 +230,8 @@ def test_follow_up_reliability_answers_from_the_stored_verification(tmp_path: Pa
     assert lesions and all(f.reliability is not None for f in lesions)
     assert a.reliability.method.count("calibrated on phantom seeds") == 1
     assert a.reliability.details["units"] and a.reliability.details["regions"]
+    assert all(r["probe"]["n"] >= 2 for r in a.reliability.details["regions"].values())
+    assert "injected 5 mm test nodules" in a.reliability.method
     stored = a.reliability.model_dump()
 
     def must_not_run(*args: object, **kw: object) -> None:
@@ -156,6 +240,7 @@ def test_follow_up_reliability_answers_from_the_stored_verification(tmp_path: Pa
     import tools.detector
 
     monkeypatch.setattr(verifier, "perturb_remeasure", must_not_run)
+    monkeypatch.setattr(verifier, "probe_zone", must_not_run)
     monkeypatch.setattr(verifier, "assess", must_not_run)
     monkeypatch.setattr(tools.detector, "run_detector", must_not_run)
     for q in ("How sure are you?", "double-check that", "how reliable is that measurement?"):

@@ -16,7 +16,11 @@ Repetitions:
   mean diameter is off by more than 1.5 mm;
 - ``region`` — "nothing (else) in this lung zone": one per lung zone the question covers; wrong when
   a nodule there was missed. Its evidence is the detector's best *sub-threshold* candidate in the zone,
-  re-measured under perturbation (a near miss that keeps looking like a nodule is a warning);
+  re-measured under perturbation (a near miss that keeps looking like a nodule is a warning), and the
+  detector's measured sensitivity there (:func:`probe_zone`): 5 mm test nodules are injected where small
+  nodules hide (on the zone's costal pleura, against its vessels), each on a small region of interest,
+  and the detector is asked again whether it would report them — a zone where they go unseen is one
+  where a real one can hide, whatever the scan's noise, slice thickness or anatomy made it so;
 - ``change`` — "this finding grew / shrank / is stable / new / resolved": wrong when the status is;
   evidence: the margin of the diameter change to the 1.5 mm growth threshold against the combined
   re-measurement spread, and, for new or resolved, whether something is re-found at the registered
@@ -278,9 +282,164 @@ def zone_features(zone: str) -> dict[str, float]:
     return {"middle": float(zone.endswith("middle zone"))}
 
 
+# ------------------------------------------------------------------------------------------ sensitivity probes
+PROBE_D_MM = 5.0  # the injected test nodule: small, solid, and still one a reader must not miss
+PROBE_HU = 40.0  # soft tissue
+PROBE_ROI_MM = 24.0  # the cube each test nodule is re-measured on
+PROBE_PAD_MM = 8.0  # ... inside a wider injected one (the segmentation looks past the re-measured cube)
+N_PROBES = 5  # per kind of site (on the pleura, against a vessel) and zone
+PROBE_SPACING_MM = 20.0  # probes of a zone stand at least this far apart
+PROBE_AVOID_MM = 15.0  # ... and this far from a reported finding (the probe must not re-find a real one)
+_WALL_REGIONS = ("body", "ribs", "spine")  # what a costal nodule sits against
+
+
+@dataclass
+class Probe:
+    """The detector's sensitivity in one zone, measured by injecting test nodules and re-asking it.
+
+    ``sites`` are where the test nodules were placed ("pleural" / "vascular", LPS mm); ``confidences``
+    the detector's plausibility of each re-found test nodule (0 when it was not re-found), ``seen``
+    whether it would have been reported (confidence and size above the detector's reporting limits).
+    """
+
+    sites: list[tuple[str, list[float]]] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    seen: list[bool] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.seen)
+
+    def share(self, kind: str | None = None) -> float:
+        """Share of the test nodules (of one kind of site, or all) that would have been reported."""
+        s = [v for (k, _), v in zip(self.sites, self.seen) if kind is None or k == kind]
+        return float(np.mean(s)) if s else 1.0
+
+    def counts(self, kind: str) -> list[int]:
+        """[reported, injected] test nodules at one kind of site."""
+        s = [v for (k, _), v in zip(self.sites, self.seen) if k == kind]
+        return [int(sum(s)), len(s)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "seen": int(sum(self.seen)), "d_mm": PROBE_D_MM, "pleural": self.counts("pleural"),
+                "vascular": self.counts("vascular"),
+                "conf_mean": round(float(np.mean(self.confidences)) if self.confidences else 0.0, 3)}
+
+
+def _spread_out(points: np.ndarray, rng: np.random.Generator, n: int, avoid_mm: list[np.ndarray]) -> list[np.ndarray]:
+    """Up to ``n`` of ``points`` (LPS mm) in random order, each far from the others and from ``avoid_mm``."""
+    out: list[np.ndarray] = []
+    for o in rng.permutation(len(points))[:5000]:
+        p = points[o]
+        if any(np.linalg.norm(p - a) < PROBE_AVOID_MM for a in avoid_mm) or \
+                any(np.linalg.norm(p - q) < PROBE_SPACING_MM for q in out):
+            continue
+        out.append(p)
+        if len(out) >= n:
+            break
+    return out
+
+
+def probe_sites(anat: Any, zone: str, avoid_mm: list[np.ndarray], rng: np.random.Generator,
+                n: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """Where a small nodule is hardest to see in ``zone``: on its costal pleura, and against its vessels.
+
+    Pleural sites are lung voxels of the zone touching the chest wall (the test nodule is centred on the
+    pleura, half of it in the wall, as a juxtapleural nodule is); vascular sites are solid voxels inside
+    the zone's lung at least 10 mm from the wall (the test nodule's centre is put half a diameter off the
+    vessel, so the two touch). On the anatomy's working grid, cropped to the zone; nothing within 15 mm
+    of a reported finding.
+    """
+    from tools.anatomy import NAME_TO_LABEL
+
+    n = n or N_PROBES
+    g = anat.grid
+    zm_full = anat.labels == NAME_TO_LABEL[zone]
+    if not zm_full.any():
+        return []
+    di, dj, dk = g.spacing
+    pad = [int(np.ceil(12.0 / v)) for v in (dk, dj, di)]
+    idx = np.nonzero(zm_full)
+    box = tuple(slice(max(int(x.min()) - q, 0), int(x.max()) + q + 1) for x, q in zip(idx, pad))
+    labels = anat.labels[box]
+    zm = zm_full[box]
+    wall = np.isin(labels, [NAME_TO_LABEL[r] for r in _WALL_REGIONS]) | (labels == 0)
+    near_wall = ndimage.binary_dilation(wall, iterations=1)
+    off = np.array([box[2].start, box[1].start, box[0].start], float)  # i, j, k of the crop's corner
+
+    def to_mm(mask: np.ndarray) -> np.ndarray:
+        kk, jj, ii = np.nonzero(mask)
+        return g.vox_to_mm(np.stack([ii, jj, kk], 1).astype(float) + off)
+
+    sites: list[tuple[str, np.ndarray]] = [("pleural", p) for p in _spread_out(to_mm(zm & near_wall), rng, n,
+                                                                                 avoid_mm)]
+    if anat.work_hu is not None:
+        wall_d = ndimage.distance_transform_edt(~near_wall, sampling=(dk, dj, di))
+        for p in _spread_out(to_mm(zm & (anat.work_hu[box] > -500.0) & (wall_d > 10.0)), rng, n, avoid_mm):
+            u = rng.normal(size=3)
+            sites.append(("vascular", p + 0.5 * PROBE_D_MM * u / max(float(np.linalg.norm(u)), 1e-6)))
+    return sites
+
+
+def inject_nodule(series: Series, center_mm: np.ndarray, d_mm: float, half_mm: float, rng: np.random.Generator,
+                  noise: float) -> Series:
+    """The region of interest around ``center_mm`` with a solid sphere of ``d_mm`` added: partial volume
+    (3x3x3 sub-voxel coverage), a 0.6 mm blur, and the scanner's noise inside it."""
+    roi = _roi(series, list(center_mm), half_mm)
+    px = roi.pixels.astype(np.float32)
+    c = roi.mm_to_vox(np.asarray(center_mm, float))  # i, j, k
+    di, dj, dk = (float(v) for v in roi.spacing)
+    kk, jj, ii = np.ogrid[:px.shape[0], :px.shape[1], :px.shape[2]]
+    offs = (np.arange(3) + 0.5) / 3 - 0.5
+    cover = np.zeros(px.shape, np.float32)
+    for ok in offs:
+        for oj in offs:
+            for oi in offs:
+                d2 = ((ii + oi - c[0]) * di) ** 2 + ((jj + oj - c[1]) * dj) ** 2 + ((kk + ok - c[2]) * dk) ** 2
+                cover += d2 <= (0.5 * d_mm) ** 2
+    cover = ndimage.gaussian_filter(cover / 27.0, [0.6 / dk, 0.6 / dj, 0.6 / di])
+    tissue = PROBE_HU + rng.normal(0.0, noise, size=px.shape).astype(np.float32)
+    out = px * (1.0 - cover) + tissue * cover
+    return Series(series_uid=roi.series_uid + ".probe", modality=roi.modality, pixels=out.astype(np.float32),
+                  spacing=roi.spacing, origin=roi.origin, direction=roi.direction, spacing_known=roi.spacing_known)
+
+
+def probe_zone(series: Series, anat: Any, zone: str, avoid_mm: list[np.ndarray], noise: float,
+               seed: int = 0, n: int | None = None) -> Probe:
+    """Would the detector have reported a 5 mm nodule in this zone? Test nodules are injected at the
+    zone's hardest sites (:func:`probe_sites`) on small regions of interest and the detector re-measures
+    each (``measure_at``: the same segmentation and plausibility as a full run); cheap, ROI only."""
+    from tools.detector import MIN_CONFIDENCE, MIN_DIAMETER_MM, measure_at
+
+    rng = np.random.default_rng(stable_seed(seed, zone))
+    out = Probe()
+    for kind, c in probe_sites(anat, zone, avoid_mm, rng, n):
+        p = inject_nodule(series, c, PROBE_D_MM, 0.5 * PROBE_ROI_MM + PROBE_PAD_MM, rng, noise)
+        try:
+            m = measure_at(p, [float(v) for v in c], analysis=None, roi_mm=PROBE_ROI_MM)
+        except Exception as exc:  # noqa: BLE001 - a failed re-measure counts as not seen
+            log.debug("probe re-measure failed: %s", exc)
+            m = None
+        conf, seen = 0.0, False
+        if m is not None and m.center_mm is not None and \
+                float(np.linalg.norm(np.asarray(m.center_mm) - c)) <= 0.5 * PROBE_D_MM + 1.5:  # re-found there
+            conf = float(m.confidence or 0.0)
+            seen = conf >= MIN_CONFIDENCE and (m.diameter_mm or 0.0) >= MIN_DIAMETER_MM  # it would be reported
+        out.sites.append((kind, [round(float(v), 1) for v in c]))
+        out.confidences.append(conf)
+        out.seen.append(seen)
+    return out
+
+
 def region_units(series: Series, analysis: Any, reported: list[dict[str, Any]], zones: list[str],
                  noise: float, seed: int = 0) -> list[Unit]:
-    """One "nothing (else) here" unit per zone, from the best sub-threshold candidate there."""
+    """One "nothing (else) here" unit per zone.
+
+    Its evidence: the best sub-threshold candidate there, re-measured under perturbation (a near miss
+    that keeps looking like a nodule is a warning), the unreported compact blobs, and the detector's
+    measured sensitivity in the zone (:func:`probe_zone`: a zone where an injected 5 mm nodule on the
+    pleura or against a vessel goes unreported is one where a real one can hide).
+    """
     from tools.detector import MIN_CONFIDENCE, MIN_DIAMETER_MM
 
     reported_c = [np.asarray(f["center_mm"], float) for f in reported if f.get("center_mm")]
@@ -304,10 +463,12 @@ def region_units(series: Series, analysis: Any, reported: list[dict[str, Any]], 
         if conf > 0.0 and (z not in near or conf > near[z][0]):
             near[z] = (conf, seg)
     units: list[Unit] = []
+    anat = getattr(analysis, "anatomy", None)
     for z in zones:
         n_rep = sum(1 for f in reported if f.get("region") == z)
         feats = {"near_conf": 0.0, "near_refound": 0.0, "near_conf_mean": 0.0, "near_d": 0.0, "near_pleural": 0.0,
                  "n_reported": float(min(n_rep, 3)), "noise": noise / 30.0, "compact_d": compact.get(z, 0.0),
+                 "probe_seen": 1.0, "probe_pleural": 1.0, "probe_vascular": 1.0, "probe_conf": 1.0,
                  **zone_features(z)}
         info: dict[str, Any] = {"zone": z}
         if z in near:
@@ -320,6 +481,12 @@ def region_units(series: Series, analysis: Any, reported: list[dict[str, Any]], 
             info.update(candidate_mm=cmm, candidate_d_mm=round(float(seg["mean_d"]), 1),
                         slice_index=int(round(float(seg["center_ijk"][2]))), candidate_conf=round(conf, 3),
                         remeasure=r.to_dict())
+        if anat is not None:
+            pr = probe_zone(series, anat, z, reported_c, noise, seed=seed)
+            if pr.n:
+                feats.update(probe_seen=pr.share(), probe_pleural=pr.share("pleural"),
+                             probe_vascular=pr.share("vascular"), probe_conf=float(np.mean(pr.confidences)))
+                info["probe"] = pr.to_dict()
         units.append(Unit("region", z, feats, info))
     return units
 
@@ -417,11 +584,14 @@ def assess(series: Series, analysis: Any, findings: list[dict[str, Any]], zones:
 # ------------------------------------------------------------------------------------------ calibration
 CALIBRATION_PATH = Path(__file__).with_name("verifier_calibration.json")
 CALIBRATION_VERSION = 1
+#: what the answer units' features are; a cached collection of another version is collected again
+UNIT_FEATURES_VERSION = 2  # 2: the region unit's sensitivity probes (probe_*)
 #: expected direction of each feature's effect on P(correct); the fit drops a feature whose sign disagrees,
 #: so the mapping is monotone in these (a re-found share that rises can never lower the score)
 MONOTONE: dict[str, dict[str, int]] = {
     "finding": {"refound": 1, "conf_mean": 1, "iou": 1, "spread": -1, "bias": -1, "det_conf": 1},
-    "region": {"near_conf": -1, "near_refound": -1, "near_conf_mean": -1},
+    "region": {"near_conf": -1, "near_refound": -1, "near_conf_mean": -1, "near_d": -1, "noise": -1, "probe_seen": 1,
+               "probe_pleural": 1, "probe_vascular": 1, "probe_conf": 1},
     "change": {"margin": 1, "pair_spread": -1, "other_conf": -1, "other_refound": -1, "ex_refound": 1, "ex_conf": 1,
                "prior_refound": 1, "prior_conf": 1},
 }
@@ -526,6 +696,24 @@ def combine(paraphrase: dict[str, Any], per_finding: dict[str, float], negative_
     return float(np.clip(np.average(parts, weights=weights), 0.0, 1.0))
 
 
+def _region_caveat(u: Unit, where: str) -> str:
+    """What to check in a zone reported empty: the near miss if there is one, else where the probes went unseen."""
+    i = u.info
+    if i.get("candidate_mm"):
+        return (f"No nodule is reported in the {u.key}, but a borderline candidate ({i['candidate_d_mm']:.1f} mm, "
+                f"{where}, at {i['candidate_mm']} mm) fell just under the detection threshold: look there.")
+    pr = i.get("probe") or {}
+    if pr.get("n") and pr.get("seen", 0) < pr["n"]:
+        hard = [k for k in ("pleural", "vascular") if pr.get(k) and pr[k][0] < pr[k][1]] or ["pleural", "vascular"]
+        placed = {"pleural": "on the pleura (juxtapleural)", "vascular": "against a vessel (juxtavascular)"}
+        look = {"pleural": "pleural surface", "vascular": "vessels"}
+        return (f"No nodule is reported in the {u.key}, but a {pr['d_mm']:.0f} mm test nodule placed "
+                f"{' or '.join(placed[k] for k in hard)} was detected in only {pr['seen']}/{pr['n']} tries on this "
+                f"scan: small nodules there can be missed; review the {u.key}'s "
+                f"{' and '.join(look[k] for k in hard)} on thin lung-window slices.")
+    return f"No nodule is reported in the {u.key}; on this scan's noise a small nodule there could be missed."
+
+
 def caveat_for(u: Unit) -> str:
     """What a reader should check for a weak unit (one sentence)."""
     i = u.info
@@ -540,10 +728,7 @@ def caveat_for(u: Unit) -> str:
                 f"against {i.get('diameter_mm') or 0:.1f} mm reported): measure it by hand before using it for "
                 "follow-up.")
     if u.kind == "region":
-        if i.get("candidate_mm"):
-            return (f"No nodule is reported in the {u.key}, but a borderline candidate ({i['candidate_d_mm']:.1f} mm, "
-                    f"{where}, at {i['candidate_mm']} mm) fell just under the detection threshold: look there.")
-        return f"No nodule is reported in the {u.key}; on this scan's noise a small nodule there could be missed."
+        return _region_caveat(u, where)
     st = i.get("status")
     if st == "new":
         return (f"{u.key} is called new, but something is seen at its position on the prior "
@@ -580,9 +765,13 @@ def explain(v: dict[str, Any]) -> str:
     regions = d.get("regions") or {}
     if regions:
         weak = {z: r for z, r in regions.items() if r.get("p", 1.0) < 0.8}
+        probes = [r["probe"] for r in regions.values() if (r.get("probe") or {}).get("n")]
         lines.append(f"'Nothing else found' was checked in {len(regions)} lung zone(s)"
                      + (": weakest " + ", ".join(f"{z} ({r['p']:.2f})" for z, r in weak.items()) if weak else
                         ", all rated high") + ".")
+        if probes:
+            lines.append(f"{probes[0]['d_mm']:.0f} mm test nodules injected on the pleura and against vessels there "
+                         f"were detected in {sum(p['seen'] for p in probes)}/{sum(p['n'] for p in probes)} tries.")
     for fid, c in (d.get("changes") or {}).items():
         lines.append(f"{fid} change '{c.get('status')}': P correct {c.get('p', 0):.2f}.")
     if v.get("caveat"):

@@ -136,6 +136,18 @@ def collect(seed: int, size: str = "small", workdir: Path | None = None) -> dict
                                             "change_s": change_s}}
 
 
+def _cached(path: Path | None) -> dict[str, Any] | None:
+    """A cached collection, or None when there is none or its units' features are of another version."""
+    if path is None or not path.exists():
+        return None
+    rec: dict[str, Any] = json.loads(path.read_text())
+    if rec.get("features_version", 1) != verifier.UNIT_FEATURES_VERSION:
+        log.info("cached verifier units %s have features of version %s; collecting again", path.name,
+                 rec.get("features_version", 1))
+        return None
+    return rec
+
+
 def collect_many(seeds: list[int], size: str = "small", cache_dir: Path | None = None,
                  reuse_any: bool = False) -> list[dict[str, Any]]:
     """``collect`` for each seed; with ``cache_dir``, a seed already collected for this detector is reused
@@ -147,17 +159,19 @@ def collect_many(seeds: list[int], size: str = "small", cache_dir: Path | None =
         if cache_dir is not None and reuse_any and (path is None or not path.exists()):
             older = sorted(cache_dir.glob(f"units-{size}-{seed}-*.json"), key=lambda p: p.stat().st_mtime)
             path = older[-1] if older else path
-        if path is not None and path.exists():
-            rec = json.loads(path.read_text())
+        rec = _cached(path)
+        if rec is not None and path is not None:
             rec.setdefault("detector", path.stem.rsplit("-", 1)[-1])
             for u in rec["units"]:  # units cached before a zone feature existed get it from their key
                 if u["kind"] == "region":
                     u["features"] = {**verifier.zone_features(u["key"]), **u["features"]}
             out.append(rec)
             continue
+        path = cache_dir / f"units-{size}-{seed}-{fp}.json" if cache_dir else None
         t0 = time.perf_counter()
         rec = collect(seed, size)
         rec["detector"] = fp
+        rec["features_version"] = verifier.UNIT_FEATURES_VERSION
         log.info("verifier units for seed %d: %d units, %d wrong, %.0f s", seed, len(rec["units"]),
                  sum(1 for u in rec["units"] if not u["correct"]), time.perf_counter() - t0)
         if path is not None:
