@@ -138,6 +138,10 @@ def test_region_question_shows_boxes(page: Any) -> None:
     _need("opened")
     _ask(page, "is there a nodule in the right upper lobe?")
     page.locator("#ra-boxes img").first.wait_for(timeout=TURN_TIMEOUT_MS)
+    # the slice itself, not only its box overlay, must have arrived and decoded
+    page.wait_for_function("() => { const im = [...document.querySelectorAll('#ra-boxes img')];"
+                           " return im.length > 1 && im.every(i => i.complete && i.naturalWidth > 0); }",
+                           timeout=TURN_TIMEOUT_MS)
     chat = page.locator("#ra-chat").inner_text()
     assert "right upper" in chat.lower() and "Grounded detector" in chat  # the answer and its tool step
     legend = page.locator("#ra-boxes").inner_text()
