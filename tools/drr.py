@@ -26,7 +26,8 @@ Truth (:func:`write_drr_patient` writes ``truth.json``), in each film's own pixe
   and the posterior costophrenic recesses behind the liver are therefore *not* lung field, as in the
   JSRT/Montgomery conventions; zones are craniocaudal thirds of each field (rows);
 - *heart*: the cardiac silhouette: the heart and the pericardial fat around it (mediastinal fat
-  within ``PERICARDIUM_MM`` of the heart), projected; *mediastinum*: the projected mediastinal
+  within ``PERICARDIUM_MM`` of the heart), projected, outside the lung fields (its border is the
+  fields' medial border, as a reader sees it); *mediastinum*: the projected mediastinal
   structures (>= ``OBSCURE_MM`` thick) between the apices and the diaphragm; *trachea*;
 - *cardiothoracic ratio*: the heart silhouette's width (its box) over the maximal inner thoracic
   width (the largest distance, on one row, between the lateral borders of the two lung fields);
@@ -235,7 +236,9 @@ def project_study(seed: int, which: str, spacing_mm: float | None = None, size: 
         m = (lt > FIELD_LUNG_MM) & (ob < OBSCURE_MM) & (lt >= (ll if code == 1 else lr))
         m = ndimage.binary_fill_holes(_largest(ndimage.binary_opening(m, iterations=1)))
         fields[m & (fields == 0)] = code
-    heart = _largest(rs(sil) > 2.0)
+    # the silhouette ends where the lung field begins: a pixel is not both (on a film the heart's border
+    # is the field's medial border; the field admits up to OBSCURE_MM of heart on the ray)
+    heart = _largest((rs(sil) > 2.0) & (fields == 0))
     lung_rows = np.flatnonzero((lr + ll > FIELD_LUNG_MM).any(axis=1))
     medi2 = rs(medi) >= OBSCURE_MM
     if lung_rows.size:
@@ -458,7 +461,8 @@ def write_drr_patient(outdir: str | Path, seed: int = 0, pixel_spacing: bool = T
              "notes": ["pixel coordinates [x, y] = (column, row) of each film; boxes [x0, y0, x1, y1] inclusive",
                        "lung fields: unobscured lung (ray crosses > 3 mm of lung and < 12 mm of heart, "
                        "mediastinum, spine or abdomen)",
-                       "cardiothoracic ratio: heart silhouette (heart + pericardial fat) width over the widest "
+                       "cardiothoracic ratio: heart silhouette (heart + pericardial fat, outside the lung "
+                       "fields) width over the widest "
                        "distance between the lateral borders of the lung fields on one row"]}
     (out / "truth.json").write_text(json.dumps(truth, indent=1))
     log.info("DRR patient seed %d written to %s in %.1fs", seed, out, time.perf_counter() - t0)
