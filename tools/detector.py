@@ -615,10 +615,9 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
     bnd = ndi.binary_dilation(final) & ~final
     wall = bnd & ~lung
     wall_frac = float(wall.sum()) / max(1, int(bnd.sum()))
-    # what lies beyond the contact: the same density carrying on (a vessel entering the lung, the
-    # chest wall's muscle) or less (fat); where (series voxels, k j i), for the anatomy's labels
-    wall_cont = float((sm[wall] > thr).mean()) if wall.any() else 0.0
+    # where the contact lies (series voxels, k j i; a subsample), for the anatomy's labels beyond it
     wall_kji = np.argwhere(wall) + np.array([sk.start, sj.start, si.start])
+    wall_kji = wall_kji[::max(1, len(wall_kji) // 200)]
     # branches leaving a shell around the blob (vessels run through it, a nodule does not)
     K2 = (K * dk - cen[2]) ** 2 + (J * dj - cen[1]) ** 2 + (I_ * di - cen[0]) ** 2
     R = 0.5 * eq_d + max(2.5, 0.3 * eq_d)
@@ -652,10 +651,11 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
                 mean_d = 0.5 * (long_ + short)
                 volume = max(volume, np.pi / 6.0 * d_fit ** 3)
     return {
-        **ray, "constrained": constrain, "wall_cont": wall_cont, "wall_kji": wall_kji[::max(1, len(wall_kji) // 200)],
+        **ray, "constrained": constrain, "wall_kji": wall_kji,
         "z_extent_mm": float((kk.max() - kk.min() + 1) * dk), "sphere_rms": sphere_rms,
         "opened_local": opened_local, "r_fit": r_fit,
-        "voxel_in_plane_mm": 0.5 * (di + dj), "voxel_mm3": vox, "noise": noise, "wall_frac": wall_frac, "shell_ratio": shell_ratio, "n_branch": n_branch, "juxtapleural": juxta,
+        "voxel_in_plane_mm": 0.5 * (di + dj), "voxel_mm3": vox, "noise": noise, "wall_frac": wall_frac,
+        "shell_ratio": shell_ratio, "n_branch": n_branch, "juxtapleural": juxta,
         "center_ijk": center_ijk_out, "bbox_vox": box, "nvox": nvox, "volume": volume, "eq_d": eq_d,
         "long": long_, "short": short, "mean_d": mean_d, "slice_index": kbest + sk.start,
         "elong": elong, "border_frac": border_frac, "opened_frac": opened_frac, "core": core, "bg": bg,
@@ -864,8 +864,8 @@ def _segment_scored(series: Series, anat: Anatomy | None, paren: float | None, i
             if best is None or conf2 > best[0]:
                 best = (conf2, seg2)
     # a small ball on a vessel as thick as itself: the opening cannot separate them
-    if (best is None or (best[0] < MIN_CONFIDENCE and not best[1]["juxtapleural"])) and cand.get("blob", 0.8) >= 0.55 \
-            and r <= 2.0 * JV_MAX_RADIUS_MM:
+    weak = best is None or (best[0] < MIN_CONFIDENCE and not best[1]["juxtapleural"])
+    if weak and cand.get("blob", 0.8) >= 0.55 and r <= 2.0 * JV_MAX_RADIUS_MM:
         seg3 = _segment(series, ijk, r, paren, lung_roi, half, constrain=True)
         if seg3 is not None and seg3["wall_frac"] < 0.05:
             conf3 = _confidence(seg3, cand)

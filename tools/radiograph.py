@@ -51,6 +51,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,7 @@ BAND_WIDTHS = (0.6, 1.0, 1.6)  # ... and half-widths in units of the spot's radi
 # uncertainty of a size change measured by the paired re-measurement (_paired_remeasure): the RMS error of the
 # diameter change against the CT truth over the matched pairs of seeds 20-29 (0.53 mm; 100-109: 0.68 mm)
 PAIRED_CHANGE_SD_MM = 0.55
+FIT_BLUR_PX = 0.7  # the projected-sphere fits work on the working image lightly blurred (working px)
 REMEASURE_MIN_CONF = 0.07  # a second look at a known position (the prior's opacity, a pointed pixel)
 HYST_LOW = 0.4  # hysteresis: weak threshold as a fraction of the Otsu threshold of the top-hat
 
@@ -132,6 +134,16 @@ class RadiographAnalysis:
     @property
     def units(self) -> str:
         return "mm" if self.spacing_mm is not None else "px"
+
+    @cached_property
+    def fit_image(self) -> np.ndarray:
+        """The image every projected-sphere fit of this film works on (see :func:`_fit_image`)."""
+        return _fit_image(self.work)
+
+
+def _fit_image(work: np.ndarray) -> np.ndarray:
+    """The working image blurred by ``FIT_BLUR_PX``: what the projected-sphere fits see."""
+    return ndi.gaussian_filter(work.astype(np.float32), FIT_BLUR_PX)
 
     def field_mask(self, side: str | None = None) -> np.ndarray:
         if side is None:
@@ -731,15 +743,15 @@ def _refine_fit(img: np.ndarray, allow: np.ndarray, row: float, col: float, rad:
     return row, col, rad
 
 
-def _opacity_candidates(work: np.ndarray, fields: np.ndarray, px_per_mm: float
+def _opacity_candidates(img: np.ndarray, fields: np.ndarray, px_per_mm: float
                         ) -> tuple[list[dict[str, Any]], np.ndarray, float, dict[str, float]]:
     """Rounded opacities: dense projected-sphere fits (:func:`_sphere_fit_maps`) over ``FIT_STEP``-spaced
     radii inside the lung fields; local maxima of ``t`` at each radius, suppressed across radii (the
-    highest t wins within the larger radius), the best ``MAX_PEAKS`` scored by :func:`_opacity_score`."""
+    highest t wins within the larger radius), the best ``MAX_PEAKS`` scored by :func:`_opacity_score`.
+    ``img``: the film's fit image (:func:`_fit_image`)."""
     lung = fields > 0
     if not lung.any():
-        return [], np.zeros_like(work), 1.0, dict(_NO_STATS)
-    img = ndi.gaussian_filter(work.astype(np.float32), 0.7)
+        return [], np.zeros_like(img), 1.0, dict(_NO_STATS)
     allow = lung
     res_s = _line_residual(img, max(7.0, LINE_MM * px_per_mm))
     noise = float(np.sqrt(np.mean(res_s[lung] ** 2))) + 1e-6
@@ -929,8 +941,8 @@ def _analyze(series: Series) -> RadiographAnalysis:
         if side_bias < -0.08:
             notes.append("the heart lies mostly on the image left: the film may be displayed mirrored (or "
                          "dextrocardia); sides are reported as displayed (patient's right on the image left)")
-    cands, residual, res_noise, film_stats = _opacity_candidates(work, fields, px_per_mm)
-    img = ndi.gaussian_filter(work.astype(np.float32), 0.7)
+    img = _fit_image(work)
+    cands, residual, res_noise, film_stats = _opacity_candidates(img, fields, px_per_mm)
     domain = fields > 0
     good = [c for c in cands if c["conf"] >= MIN_CONFIDENCE][:MAX_OPACITIES]
     for c in good:
@@ -1009,7 +1021,7 @@ def measure_at_px(series: Series, col: float, row: float, analysis: RadiographAn
     c0, c1 = max(0, int(c_w) - pad), min(w, int(c_w) + pad + 1)
     if r1 - r0 < 5 or c1 - c0 < 5 or not lung[r0:r1, c0:c1].any():
         return None
-    img = ndi.gaussian_filter(an.work.astype(np.float32), 0.7)
+    img = an.fit_image
     yy, xx = np.mgrid[r0:r1, c0:c1]
     inside = (yy - r_w) ** 2 + (xx - c_w) ** 2 <= search * search
     best: tuple[float, float, float, float] | None = None
@@ -1523,7 +1535,7 @@ def _paired_remeasure(cs: Series, ps: Series, ca: RadiographAnalysis, pa: Radiog
         f, ppm = an.factor, an.px_per_mm_est
         col, row = _center_px(fnd)
         r_w, c_w = (row - (f - 1) / 2.0) / f, (col - (f - 1) / 2.0) / f
-        img = ndi.gaussian_filter(an.work.astype(np.float32), 0.7)
+        img = an.fit_image
         lung = an.fields > 0
         fit = _local_fit(img, lung, r_w, c_w, rad_mm * ppm)
         if fit is None:
