@@ -186,7 +186,7 @@ def test_band_evidence_tells_a_sphere_from_a_rib_crossing() -> None:
 def test_opacity_scores_do_not_depend_on_film_contrast() -> None:
     """The scorer measures a spot against its film's own texture, so scaling a film's contrast (exposure,
     processing) leaves every candidate's probability unchanged."""
-    from tools.radiograph import _opacity_candidates
+    from tools.radiograph import _fit_image, _opacity_candidates
 
     img, _ = _synthetic_lung(201)
     yy, xx = np.mgrid[0:201, 0:201].astype(float)
@@ -194,8 +194,8 @@ def test_opacity_scores_do_not_depend_on_film_contrast() -> None:
         img = img + 0.04 * np.sqrt(np.clip(1 - ((yy - r) ** 2 + (xx - c) ** 2) / rad ** 2, 0, None))
     fields = np.zeros(img.shape, dtype=np.uint8)
     fields[10:190, 10:190] = 1
-    a, _, _, _ = _opacity_candidates(img.astype(np.float32), fields, 1.0)
-    b, _, _, _ = _opacity_candidates((0.4 * img).astype(np.float32), fields, 1.0)
+    a, _, _, _ = _opacity_candidates(_fit_image(img), fields, 1.0)
+    b, _, _, _ = _opacity_candidates(_fit_image(0.4 * img), fields, 1.0)
     assert a and len(a) == len(b)
     assert a[0]["conf"] > 0.5 and {(round(x["row"]), round(x["col"])) for x in a[:2]} == {(60, 70), (140, 120)}
     assert np.allclose([x["conf"] for x in a], [x["conf"] for x in b], atol=1e-3)
