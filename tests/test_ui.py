@@ -452,3 +452,40 @@ def test_every_event_handler_takes_its_inputs(tmp_path: Path) -> None:
         ui_app.build_app(Consultant(home_dir=tmp_path / "home"))
     bad = [str(w.message) for w in caught if "arguments for function" in str(w.message)]
     assert bad == []
+
+
+def test_image_cache_writes_are_atomic_and_reused(tmp_path: Path) -> None:
+    """The same slice or box mask returned again (every streamed update of a turn) must not rewrite the
+    file a browser may be fetching: Gradio's own writer truncated it in place and a fetch failed with
+    "Too little data for declared Content-Length", leaving the image blank."""
+    import numpy as np
+    from gradio import processing_utils as pu
+    from PIL import Image
+
+    ui_app._install_atomic_image_cache()
+    ui_app._install_atomic_image_cache()  # idempotent
+    img = Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8))
+    first = Path(pu.save_pil_to_cache(img, str(tmp_path), format="png"))
+    data = first.read_bytes()
+    ino = first.stat().st_ino
+    # the name is the content's hash: a file there is reused as it is, never truncated and rewritten
+    marked = bytearray(data)
+    marked[-1] ^= 0xFF
+    first.write_bytes(bytes(marked))
+    with first.open("rb") as reader:  # a fetch in progress
+        again = Path(pu.save_pil_to_cache(img, str(tmp_path), format="png"))
+        assert again == first and again.stat().st_ino == ino
+        assert reader.read() == bytes(marked) == again.read_bytes()
+    # a short file (a write cut off) is replaced by a whole new one, renamed into place
+    first.write_bytes(data[: len(data) // 2])
+    assert Path(pu.save_pil_to_cache(img, str(tmp_path), format="png")) == first
+    assert first.read_bytes() == data and first.stat().st_ino != ino
+    # numpy arrays (gr.Image) and AnnotatedImage masks take the same path; nothing half-written is left
+    arr_path = Path(pu.save_img_array_to_cache(np.asarray(img), str(tmp_path), format="png"))
+    assert arr_path.read_bytes() == data
+    import gradio as gr
+
+    out = gr.AnnotatedImage(format="png").postprocess((np.asarray(img), [((4, 4, 20, 20), "N1")]))
+    mask = Path(out.annotations[0].image.path)
+    assert mask.is_file() and Image.open(mask).size == (64, 64)
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]

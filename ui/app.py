@@ -1050,6 +1050,46 @@ def pacs_from_env() -> PacsClient | None:
     return PacsClient(url, auth=(user, os.environ.get("RADASSIST_PACS_PASSWORD", "")) if user else None)
 
 
+def _install_atomic_image_cache() -> None:
+    """Make Gradio's cache writes for images atomic (idempotent).
+
+    Gradio 6 saves every image and ``AnnotatedImage`` mask it returns under a content-hash name with a plain
+    ``write_bytes`` (truncate, then write), even when that very file exists already and the browser may be
+    fetching it: the same slice or box mask comes back on every streamed update of a turn. A fetch that
+    meets the truncated file fails ("Too little data for declared Content-Length") and the image stays
+    blank. Here an existing file (same name = same bytes) is reused, and a new one is written under a
+    temporary name and renamed into place, as Gradio already does for files it copies."""
+    import tempfile
+
+    from gradio import processing_utils as pu
+
+    if getattr(pu.save_pil_to_cache, "_radassist_atomic", False):
+        return
+
+    def save_pil_to_cache(img: Any, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+        data = pu.encode_pil_to_bytes(img, format)
+        folder = Path(cache_dir) / pu.hash_bytes(data)
+        folder.mkdir(exist_ok=True, parents=True)
+        dest = (folder / f"{name}.{format}").resolve()
+        if dest.is_file() and dest.stat().st_size == len(data):
+            with contextlib.suppress(OSError):
+                os.utime(dest)  # the cache is aged by ctime: a file handed out again must not expire early
+            return str(dest)
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(staging, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+            raise
+        return str(dest)
+
+    save_pil_to_cache._radassist_atomic = True  # type: ignore[attr-defined]
+    pu.save_pil_to_cache = save_pil_to_cache
+
+
 def build_app(consultant: Consultant | None = None, auth: Callable[[str, str], bool] | None = None,
               pacs: PacsClient | str | None = None) -> gr.Blocks:
     """The Blocks app. ``auth`` is kept on the app (``demo.radassist_auth``) for ``launch``; ``pacs`` is a
@@ -1064,6 +1104,7 @@ def build_app(consultant: Consultant | None = None, auth: Callable[[str, str], b
         pacs = PacsClient(pacs)
     elif pacs is None:
         pacs = pacs_from_env()
+    _install_atomic_image_cache()
     app = App(consultant, pacs=pacs, auth_enabled=auth is not None)
     choices = study_choices(consultant)
     first = choices[0][1] if choices else None
