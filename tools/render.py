@@ -13,7 +13,10 @@ Images are drawn with Pillow (fast, no display) and kept small (< ~200 KB).
 """
 from __future__ import annotations
 
+import io
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +69,28 @@ def _font(size: int = 12) -> Any:
         return ImageFont.load_default()
 
 
+def _png_bytes(img: Image.Image, quantize: bool = False) -> bytes:
+    buf = io.BytesIO()
+    (img.convert("RGB").quantize(colors=64) if quantize else img).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
 def _save_png(img: Image.Image, path: Path) -> None:
+    """Encode under ``MAX_BYTES`` (palette, then smaller), then write atomically: a viewer or the UI's copy
+    that reads the file while a later turn writes it again sees the old image or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG", optimize=True)
-    if path.stat().st_size > MAX_BYTES:
-        q = img.convert("RGB").quantize(colors=64)
-        q.save(path, format="PNG", optimize=True)
-    while path.stat().st_size > MAX_BYTES and img.width > 200:
+    data = _png_bytes(img)
+    if len(data) > MAX_BYTES:
+        data = _png_bytes(img, quantize=True)
+    while len(data) > MAX_BYTES and img.width > 200:
         img = img.resize((int(img.width * 0.8), int(img.height * 0.8)), Image.BILINEAR)
-        img.convert("RGB").quantize(colors=64).save(path, format="PNG", optimize=True)
+        data = _png_bytes(img, quantize=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _label_text(f: Finding) -> str:
