@@ -326,3 +326,50 @@ def test_a_cap_on_the_mediastinal_pleura_must_be_clear() -> None:
     assert _confidence({**seg, "wall_med": 1.0}, cand) < MIN_CONFIDENCE  # mediastinal, vessels leaving
     clear = {**seg, "wall_med": 1.0, "wall_frac": 0.3, "n_branch": 0, "shell_ratio": 0.05}
     assert _confidence(clear, cand) >= MIN_CONFIDENCE
+
+
+def _pv_volume(shape: tuple[int, int, int], spacing: tuple[float, float, float], inside: Any, hu_in: float,
+               rng: np.random.Generator, sub: int = 3) -> np.ndarray:
+    """A volume with partial volume: ``inside(x, y, z)`` (mm) sampled ``sub``^3 times per voxel, lung elsewhere,
+    then the scanner's blur and noise."""
+    from scipy import ndimage as ndi
+
+    di, dj, dk = spacing
+    off = (np.arange(sub) + 0.5) / sub - 0.5
+    k, j, i = np.mgrid[:shape[0], :shape[1], :shape[2]].astype(float)
+    frac = np.zeros(shape)
+    for ok in off:
+        for oj in off:
+            for oi in off:
+                frac += inside((i + oi) * di, (j + oj) * dj, (k + ok) * dk)
+    frac /= sub ** 3
+    vol = -850.0 + (hu_in + 850.0) * ndi.gaussian_filter(frac, [0.5 / dk, 0.5 / dj, 0.5 / di])
+    return (vol + rng.normal(0.0, 15.0, shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("diameter,depth", [(5.5, -1.0), (5.5, 0.8), (8.0, 0.0), (8.0, 2.5), (12.0, 3.0)])
+def test_a_nodule_on_the_pleura_is_sized_from_the_whole_sphere(diameter: float, depth: float) -> None:
+    """A nodule partly inside the chest wall (thick slices, partial volume): its size is the sphere's, not
+    the visible cap's. ``depth``: how far the centre lies inside the wall (mm; negative: on the lung side) —
+    at 5.5 mm and 0.8 mm the cap stands 2 mm proud of the pleura, a voxel and a half."""
+    spacing = (1.4, 1.4, 2.25)
+    shape = (20, 36, 36)
+    n = np.array([0.95, 0.25, 0.18])
+    n /= np.linalg.norm(n)
+    p0 = np.array([30.0, 25.0, 22.0])  # a point on the pleura; the wall lies beyond it along n
+    c = p0 + depth * n
+    r = diameter / 2.0
+
+    def inside(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+        wall = (x - p0[0]) * n[0] + (y - p0[1]) * n[1] + (z - p0[2]) * n[2] > 0
+        ball = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= r * r
+        return (wall | ball).astype(float)
+
+    vol = _pv_volume(shape, spacing, inside, 40.0, np.random.default_rng(int(10 * diameter + depth)))
+    s = Series(series_uid=f"cap-{diameter}-{depth}", modality="CT", pixels=vol, spacing=spacing,
+               origin=np.zeros(3), direction=np.eye(3))
+    visible = c - n * (0.5 * (r - depth))  # the middle of the visible cap
+    f = measure_at(s, visible.tolist())
+    assert f is not None and any("juxtapleural" in t for t in f.notes), f
+    assert abs(f.diameter_mm - diameter) <= 1.0, (f.diameter_mm, diameter)
+    assert abs(f.volume_mm3 - np.pi / 6.0 * diameter ** 3) <= 0.5 * np.pi / 6.0 * diameter ** 3

@@ -26,8 +26,11 @@ finds lung nodules and masses:
 4. *Measurement*: long and short axial diameters on the slice of largest area (long = maximal
    Feret diameter, short = widest extent perpendicular to it, area-corrected), their mean
    (Lung-RADS), partial-volume-weighted volume, mean/core HU, attenuation (solid / part-solid /
-   ground-glass). A juxtapleural nodule (broad contact with the wall) is sized by a sphere fitted
-   to its free, lung-facing surface (the part in the pleura is not visible).
+   ground-glass). A juxtapleural nodule (broad contact with the wall) is sized as a sphere partly
+   hidden in the wall: the HU around it are fitted by a blurred, voxel-averaged model of the wall (a
+   half-space) united with a sphere (:func:`_cap_model_fit`), so a cap one or two voxels proud of the
+   pleura gives the whole nodule's size; where that fit is poor, by a sphere fitted to its free,
+   lung-facing surface.
 5. *False-positive reduction*: a confidence in 0-1 from soft ramps on compactness (3-D inertia
    elongation), Hessian blobness, filter response per HU of contrast, vessel burden (structure
    leaving a shell around the blob), what the opening kept, contrast and signal-to-noise for small
@@ -72,6 +75,9 @@ MASS_MM = 30.0
 PLEURAL_CLOSING_MM = 12.0  # second lung-side hypothesis for pleural candidates: brings flat caps in
 RAY_DIRS = 162  # directions of the ray-cast shape of a blob (juxtavascular hypothesis)
 JV_MAX_RADIUS_MM = 4.5  # juxtavascular hypothesis only for balls up to this radius (segmental vessels' size)
+CAP_FIT_MAX_VOXELS = 1500  # voxels of its window the cap model is fitted to (an even subsample beyond)
+CAP_FIT_MIN_CONF = 0.1  # caps at least this plausible are sized by the wall+sphere model (then scored again)
+CAP_FIT_MAX_RESID = 0.12  # RMS residual (fraction of wall contrast) up to which the wall+sphere model sizes a cap
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,6 +431,142 @@ def _constrained_blob(above: np.ndarray, allowed: np.ndarray, c_kji: np.ndarray,
     return obj, lab2 == lab2[ci], ray
 
 
+def _cap_model_fit(sm: np.ndarray, lung: np.ndarray, bone: np.ndarray, cen_mm: np.ndarray, r0: float,
+                   sp_kji: tuple[float, float, float], bg: float) -> dict[str, Any] | None:
+    """Size a nodule on the pleura from its image, not from its visible surface: the HU around it are
+    fitted by a blurred model of the chest wall (a half-space beyond a plane) united with a sphere,
+    both at soft-tissue density over the local parenchyma. The part of the sphere inside the wall is
+    invisible, but the visible cap's height and base width fix its radius, and partial volume at the
+    cap's thin rim is modelled instead of thresholded away (a 5 mm nodule two voxels proud of the
+    pleura). ``cen_mm``: the visible blob's centroid (ROI mm, i j k order); ``r0``: a radius estimate.
+    Returns radius, nodule density (0-1 of the wall's), blur, the plane's offset from the centre and the
+    robust residual; None when the fit does not converge or the wall is not seen."""
+    from scipy.optimize import least_squares
+    from scipy.special import ndtr
+
+    dk, dj, di = sp_kji
+    r0 = max(r0, 1.5)
+    win = r0 + max(4.0, r0)
+    K, J, I_ = np.ogrid[:sm.shape[0], :sm.shape[1], :sm.shape[2]]
+    d2 = (I_ * di - cen_mm[0]) ** 2 + (J * dj - cen_mm[1]) ** 2 + (K * dk - cen_mm[2]) ** 2
+    sel = d2 <= win * win
+    wall_vox = sel & ~lung & ~bone
+    if wall_vox.sum() < 10 or (sel & lung).sum() < 10:
+        return None
+    level = float(np.median(sm[wall_vox]))
+    if level - bg < 300.0:
+        return None
+    kk, jj, ii = np.nonzero(sel)
+    X = np.stack([ii * di, jj * dj, kk * dk], axis=1)
+    u = np.clip((sm[sel] - bg) / (level - bg), 0.0, 1.0)
+    in_wall = ~lung[sel]
+    if len(u) > CAP_FIT_MAX_VOXELS:  # a large nodule: an even subsample of its window is plenty
+        keep = np.linspace(0, len(u) - 1, CAP_FIT_MAX_VOXELS).astype(int)
+        X, u, in_wall = X[keep], u[keep], in_wall[keep]
+    wk, wj, wi = np.nonzero(wall_vox)
+    n0 = np.array([wi.mean() * di, wj.mean() * dj, wk.mean() * dk]) - cen_mm
+    if np.linalg.norm(n0) < 1e-6:
+        return None
+    n0 /= np.linalg.norm(n0)
+    t = (X - cen_mm) @ n0
+    edge = t[in_wall & (u > 0.5)]
+    d0 = float(np.percentile(edge, 10)) if edge.size else r0
+    th0, ph0 = float(np.arccos(np.clip(n0[2], -1, 1))), float(np.arctan2(n0[1], n0[0]))
+
+    # each voxel is the mean of its volume: sub-samples along the axes thicker than 1 mm
+    offs = [((np.arange(2) + 0.5) / 2.0 - 0.5) * sp if sp > 1.0 else np.zeros(1) for sp in (di, dj, dk)]
+    sub = np.stack(np.meshgrid(*offs, indexing="ij"), axis=-1).reshape(-1, 3)
+    Xs = (X[:, None, :] + sub[None, :, :]).reshape(-1, 3)
+    m_sub = sub.shape[0]
+
+    def parts(p: np.ndarray) -> tuple[np.ndarray, ...]:
+        cx, cy, cz, rad, th, ph, d, a, sblur = p
+        n = np.array([np.sin(th) * np.cos(ph), np.sin(th) * np.sin(ph), np.cos(th)])
+        rel = Xs - np.array([cx, cy, cz])
+        dw = rel @ n - d  # signed distance into the wall
+        dist = np.maximum(np.sqrt((rel * rel).sum(axis=1)), 1e-9)
+        db = rad - dist  # ... into the sphere
+        return n, rel, dw, dist, db
+
+    def model(p: np.ndarray) -> np.ndarray:
+        a, sblur = p[7], p[8]
+        _, _, dw, _, db = parts(p)
+        # the blurred union: the signed distance to it is the larger of the two (exact outside both); a
+        # nodule less dense than the wall (density a) shows as less where only the sphere is
+        occ = ndtr(np.maximum(dw, db) / sblur) - (1.0 - a) * np.clip(ndtr(db / sblur) - ndtr(dw / sblur), 0.0, None)
+        return occ.reshape(-1, m_sub).mean(axis=1) - u
+
+    def jac(p: np.ndarray) -> np.ndarray:
+        th, ph, a, sblur = p[4], p[5], p[7], p[8]
+        n, rel, dw, dist, db = parts(p)
+        dn_th = np.array([np.cos(th) * np.cos(ph), np.cos(th) * np.sin(ph), -np.sin(th)])
+        dn_ph = np.array([-np.sin(th) * np.sin(ph), np.sin(th) * np.cos(ph), 0.0])
+        # d(dw)/dp and d(db)/dp, columns cx cy cz rad th ph d a s
+        g_w = np.zeros((len(dw), 9))
+        g_w[:, :3] = -n
+        g_w[:, 4], g_w[:, 5], g_w[:, 6] = rel @ dn_th, rel @ dn_ph, -1.0
+        g_b = np.zeros((len(db), 9))
+        g_b[:, :3] = rel / dist[:, None]
+        g_b[:, 3] = 1.0
+        top = np.where((dw >= db)[:, None], g_w, g_b)
+        zm, zw, zb = np.maximum(dw, db) / sblur, dw / sblur, db / sblur
+        pm, pw, pb = (np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi) for z in (zm, zw, zb))
+        J = (pm / sblur)[:, None] * top
+        J[:, 8] = -pm * zm / sblur
+        on = (ndtr(zb) - ndtr(zw)) > 0
+        dD = (pb / sblur)[:, None] * g_b - (pw / sblur)[:, None] * g_w
+        dD[:, 8] = -pb * zb / sblur + pw * zw / sblur
+        J -= (1.0 - a) * np.where(on[:, None], dD, 0.0)
+        J[:, 7] = np.where(on, ndtr(zb) - ndtr(zw), 0.0)
+        return J.reshape(-1, m_sub, 9).mean(axis=1)
+
+    lo = np.array([*(cen_mm - 2.0 * r0 - 3.0), 0.5, -np.inf, -np.inf, -4.0 * r0 - 5.0, 0.4, 0.3])
+    hi = np.array([*(cen_mm + 2.0 * r0 + 3.0), 3.0 * r0 + 3.0, np.inf, np.inf, 4.0 * r0 + 5.0, 1.2, 2.5])
+    # a shallow cap is nearly as well explained by a smaller sphere less deep in the wall: start from a few
+    # radii with the same cap (the centre moved along the normal) and keep the best fit
+    h0 = r0 + d0
+    res = None
+    for k in (1.0, 1.6, 2.4):
+        rad0 = k * r0
+        p0 = np.array([*(cen_mm + (rad0 - r0) * n0), rad0, th0, ph0, h0 - rad0, 1.0, 0.8])
+        try:
+            r_ = least_squares(model, np.clip(p0, lo + 1e-6, hi - 1e-6), jac=jac, bounds=(lo, hi),
+                               loss="soft_l1", f_scale=0.15, max_nfev=60, tr_solver="lsmr")
+        except (ValueError, np.linalg.LinAlgError):
+            continue
+        if r_.success and (res is None or r_.cost < res.cost):
+            res = r_
+    if res is None:
+        return None
+    cx, cy, cz, rad, th, ph, d, a, sblur = res.x
+    return {"radius": float(rad), "at_bound": bool(rad >= 0.98 * hi[3] or rad <= 1.02 * lo[3]),
+            "density": float(a), "blur": float(sblur), "plane_offset": float(d),
+            "height": float(min(rad + d, 2.0 * rad)),  # how far the sphere stands out of the wall
+            "nfev": int(res.nfev), "resid": float(np.sqrt(np.mean(res.fun ** 2))),
+            "center": [float(cx), float(cy), float(cz)]}
+
+
+def _size_cap(seg: dict[str, Any]) -> None:
+    """Size a juxtapleural blob by the wall+sphere model (:func:`_cap_model_fit`) when the fit is good and
+    the cap stands out of the wall by most of a voxel; else it keeps the free-surface sphere's size."""
+    args = seg.pop("_cap_args", None)
+    if args is None:
+        return
+    fit = _cap_model_fit(*args)
+    seg["cap_fit"] = fit
+    sp_kji = args[5]
+    if (fit is None or fit["resid"] > CAP_FIT_MAX_RESID or fit["at_bound"]
+            or fit["height"] < 0.7 * 0.5 * (sp_kji[1] + sp_kji[2])):
+        return
+    d_cap = 2.0 * fit["radius"]
+    seg["long"] = float(np.clip(seg["long"], d_cap, 1.25 * d_cap))
+    seg["short"] = 2.0 * d_cap - seg["long"]
+    seg["mean_d"] = d_cap
+    seg["volume"] = float(np.pi / 6.0 * d_cap ** 3)
+    seg["eq_d"] = d_cap
+    fit["used"] = True
+
+
 def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hint: float | None,
              lung_closed_full: np.ndarray | None = None, roi_half_mm: float | None = None,
              closing_mm: float | None = None, constrain: bool = False) -> dict[str, Any] | None:
@@ -651,6 +793,8 @@ def _segment(series: Series, center_ijk: np.ndarray, radius_mm: float, paren_hin
                 mean_d = 0.5 * (long_ + short)
                 volume = max(volume, np.pi / 6.0 * d_fit ** 3)
     return {
+        # what the wall+sphere model of a cap needs (fitted only for the hypothesis kept: _size_cap)
+        "_cap_args": (sm, lung, bone, cen, max(r_fit, 0.5 * mean_d), sp_kji, bg) if juxta else None,
         **ray, "constrained": constrain, "wall_kji": wall_kji,
         "z_extent_mm": float((kk.max() - kk.min() + 1) * dk), "sphere_rms": sphere_rms,
         "opened_local": opened_local, "r_fit": r_fit,
@@ -783,8 +927,12 @@ def _to_finding(series: Series, anat: Anatomy | None, seg: dict[str, Any], conf:
     kind = "mass" if d >= MASS_MM else "nodule"
     notes: list[str] = []
     if seg.get("juxtapleural"):
-        notes.append("juxtapleural: it touches the pleura; its size comes from a sphere fitted to its free "
-                     "(lung-facing) surface")
+        if (seg.get("cap_fit") or {}).get("used"):
+            notes.append("juxtapleural: it touches the pleura; its size is that of the sphere which, partly "
+                         "hidden in the chest wall, best explains the image around it")
+        else:
+            notes.append("juxtapleural: it touches the pleura; its size comes from a sphere fitted to its free "
+                         "(lung-facing) surface")
     if seg.get("constrained"):
         notes.append("juxtavascular: it sits on a vessel about as thick as itself; measured as the ball around "
                      "its centre, the vessel cut off at its surface")
@@ -841,10 +989,12 @@ def _mediastinal_share(anat: Anatomy | None, wall_kji: np.ndarray) -> float:
 
 
 def _segment_scored(series: Series, anat: Anatomy | None, paren: float | None, ijk: np.ndarray, r: float,
-                    cand: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
+                    cand: dict[str, Any], size_all_caps: bool = False) -> tuple[float, dict[str, Any]] | None:
     """Segment a candidate and score it. A blob against the pleura gets a second hypothesis for the
     lung side (a wider rolling ball: a flat cap of a large nodule is a shallow dent in the air that a
-    ball scaled to the candidate does not fill) and keeps the more nodule-like of the two."""
+    ball scaled to the candidate does not fill) and keeps the more nodule-like of the two. A cap kept
+    with some plausibility (or any, ``size_all_caps``: a re-measurement at a known place) is then sized
+    by the wall+sphere model and scored again with that size."""
     half = max(3.0 * r + 6.0, 14.0)
     lung_roi = None
     if anat is not None:
@@ -852,6 +1002,7 @@ def _segment_scored(series: Series, anat: Anatomy | None, paren: float | None, i
         lung_roi = anat.grid.roi_from_full(anat.masks["lungs_closed"], sk.start, sk.stop, sj.start, sj.stop,
                                            si.start, si.stop)
     best: tuple[float, dict[str, Any]] | None = None
+    seg2 = seg3 = None
     seg = _segment(series, ijk, r, paren, lung_roi, half)
     if seg is not None:
         seg["wall_med"] = _mediastinal_share(anat, seg["wall_kji"])
@@ -871,6 +1022,14 @@ def _segment_scored(series: Series, anat: Anatomy | None, paren: float | None, i
             conf3 = _confidence(seg3, cand)
             if best is None or conf3 > best[0]:
                 best = (conf3, seg3)
+    if best is not None and best[1].get("_cap_args") is not None and (
+            size_all_caps or best[0] >= CAP_FIT_MIN_CONF):
+        _size_cap(best[1])
+        best = (_confidence(best[1], cand), best[1])
+    for sg in (seg, seg2, seg3):
+        if sg is not None:  # the ROI arrays kept for the cap model are not kept with the analysis
+            sg.pop("_cap_args", None)
+            sg.setdefault("cap_fit", None)
     return best
 
 
@@ -971,7 +1130,7 @@ def measure_at(series: Series, center_mm: list[float], analysis: SeriesAnalysis 
     _, pos, rad = best
     anat = analysis.anatomy if analysis is not None else None
     paren = _paren_hu(anat) if anat is not None else None
-    scored = _segment_scored(series, anat, paren, pos, rad, {"radius": rad})
+    scored = _segment_scored(series, anat, paren, pos, rad, {"radius": rad}, size_all_caps=True)
     if scored is None:
         return None
     conf, seg = scored
