@@ -29,8 +29,9 @@ finds lung nodules and masses:
    ground-glass). A juxtapleural nodule (broad contact with the wall) is sized as a sphere partly
    hidden in the wall: the HU around it are fitted by a blurred, voxel-averaged model of the wall (a
    half-space) united with a sphere (:func:`_cap_model_fit`), so a cap one or two voxels proud of the
-   pleura gives the whole nodule's size; where that fit is poor, by a sphere fitted to its free,
-   lung-facing surface.
+   pleura gives the whole nodule's size (for caps seen up to 12 mm: over a larger window the wall is
+   no plane, and a large cap's visible surface sizes it well); otherwise, or where that fit is poor,
+   by a sphere fitted to its free, lung-facing surface.
 5. *False-positive reduction*: a confidence in 0-1 from soft ramps on compactness (3-D inertia
    elongation), Hessian blobness, filter response per HU of contrast, vessel burden (structure
    leaving a shell around the blob), what the opening kept, contrast and signal-to-noise for small
@@ -77,6 +78,7 @@ RAY_DIRS = 162  # directions of the ray-cast shape of a blob (juxtavascular hypo
 JV_MAX_RADIUS_MM = 4.5  # juxtavascular hypothesis only for balls up to this radius (segmental vessels' size)
 CAP_FIT_MAX_VOXELS = 1500  # voxels of its window the cap model is fitted to (an even subsample beyond)
 CAP_FIT_MIN_CONF = 0.1  # caps at least this plausible are sized by the wall+sphere model (then scored again)
+CAP_FIT_MAX_MM = 12.0  # ... for caps seen up to this size: over a small cap's window the wall is a plane
 CAP_FIT_MAX_RESID = 0.12  # RMS residual (fraction of wall contrast) up to which the wall+sphere model sizes a cap
 
 
@@ -550,8 +552,8 @@ def _size_cap(seg: dict[str, Any]) -> None:
     """Size a juxtapleural blob by the wall+sphere model (:func:`_cap_model_fit`) when the fit is good and
     the cap stands out of the wall by most of a voxel; else it keeps the free-surface sphere's size."""
     args = seg.pop("_cap_args", None)
-    if args is None:
-        return
+    if args is None or seg["mean_d"] > CAP_FIT_MAX_MM:
+        return  # a large cap: its visible surface sizes it well, and the wall is no plane over its window
     fit = _cap_model_fit(*args)
     seg["cap_fit"] = fit
     sp_kji = args[5]

@@ -37,7 +37,7 @@ from tools.schemas import Finding, level_for
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_SEEDS = list(range(5000, 5016))
+CALIBRATION_SEEDS = list(range(5000, 5032))
 EVALUATION_SEEDS = list(range(6000, 6012))
 
 
