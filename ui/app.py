@@ -1063,6 +1063,9 @@ def _install_atomic_image_cache() -> None:
 
     from gradio import processing_utils as pu
 
+    if not all(hasattr(pu, n) for n in ("save_pil_to_cache", "encode_pil_to_bytes", "hash_bytes")):
+        log.warning("Gradio's image cache helpers have changed; its own (non-atomic) image writes are used")
+        return
     if getattr(pu.save_pil_to_cache, "_radassist_atomic", False):
         return
 
