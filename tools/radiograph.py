@@ -1287,13 +1287,23 @@ def _display(an: RadiographAnalysis, max_side: int = 900) -> tuple[Any, float]:
 
 
 def _save_png(img: Any, path: Path) -> None:
-    img.save(path, optimize=True)
-    if path.stat().st_size > MAX_PNG_BYTES:
-        q = img.convert("P", palette=1, colors=128)  # adaptive palette
-        q.save(path, optimize=True)
-    while path.stat().st_size > MAX_PNG_BYTES and img.width > 300:
+    """Encode under ``MAX_PNG_BYTES`` (adaptive palette, then smaller), then write atomically."""
+    import io
+
+    from tools.render import write_atomic
+
+    def encode(im: Any) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=True)
+        return buf.getvalue()
+
+    data = encode(img)
+    if len(data) > MAX_PNG_BYTES:
+        data = encode(img.convert("P", palette=1, colors=128))  # adaptive palette
+    while len(data) > MAX_PNG_BYTES and img.width > 300:
         img = img.resize((img.width * 3 // 4, img.height * 3 // 4))
-        img.convert("P", palette=1, colors=96).save(path, optimize=True)
+        data = encode(img.convert("P", palette=1, colors=96))
+    write_atomic(path, data)
 
 
 def _draw_overview(an: RadiographAnalysis, findings: list[Finding], title: str = "") -> Any:

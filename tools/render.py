@@ -85,6 +85,11 @@ def _save_png(img: Image.Image, path: Path) -> None:
     while len(data) > MAX_BYTES and img.width > 200:
         img = img.resize((int(img.width * 0.8), int(img.height * 0.8)), Image.BILINEAR)
         data = _png_bytes(img, quantize=True)
+    write_atomic(path, data)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` under a temporary name beside ``path`` and rename it into place (evidence images)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         tmp.write_bytes(data)
