@@ -223,3 +223,42 @@ def test_change_uncertainty_note() -> None:
 
     assert "uncertain" in _change_uncertainty_note(1.7, 1.5) and "uncertain" in _change_uncertainty_note(-1.2, 1.5)
     assert "uncertain" not in _change_uncertainty_note(4.0, 1.5) and "uncertain" not in _change_uncertainty_note(0.1, 1.5)
+
+
+def test_ridge_evidence_counts_the_branches_of_a_vessel_spot() -> None:
+    """A bright spot on a vessel tree (branches running out of it: an end-on vessel or a crossing) has
+    branches along several rays; a nodule in plain lung texture has none."""
+    from tools.radiograph import _ridge_evidence
+
+    img, allow = _synthetic_lung()
+    n = img.shape[0]
+    yy, xx = np.mgrid[0:n, 0:n].astype(float)
+    c, rad = n // 2, 8.0
+    blob = 0.05 * np.sqrt(np.clip(1 - ((yy - c) ** 2 + (xx - c) ** 2) / rad ** 2, 0, None))
+    tree = np.zeros_like(img)
+    for ang in (0.3, 2.4, 4.2):  # three branches, 3 px half-width, leaving the spot
+        along = (xx - c) * np.cos(ang) + (yy - c) * np.sin(ang)
+        across = -(xx - c) * np.sin(ang) + (yy - c) * np.cos(ang)
+        tree = np.maximum(tree, 0.03 * np.sqrt(np.clip(1 - across ** 2 / 9.0, 0, None)) * (along > 0))
+    nodule = _ridge_evidence(img + blob, allow, c, c, rad, 0.05)["ridge_n"]
+    vessel = _ridge_evidence(img + blob + tree, allow, c, c, rad, 0.05)["ridge_n"]
+    assert nodule <= 1 and vessel >= 3
+
+
+def test_refined_opacity_stays_in_the_field() -> None:
+    """A nodule on a field's border (part of it over a bright wall outside the fit's mask) keeps its size: the
+    refinement keeps most of its disk in the field, so the sphere cannot slide out over the pixels the fit
+    does not see and swell there."""
+    from tools.radiograph import FIT_CORE_FRAC, _disk_inside_frac, _fit_image, _refine_fit
+
+    n = 161
+    yy, xx = np.mgrid[0:n, 0:n].astype(float)
+    rng = np.random.default_rng(3)
+    for cc in (76.0, 77.0):
+        img = 0.3 + 0.0005 * xx + 0.004 * rng.standard_normal((n, n))
+        img = img + 0.05 * np.sqrt(np.clip(1 - ((yy - 80) ** 2 + (xx - cc) ** 2) / 64.0, 0, None))
+        allow = xx < 79
+        img[~allow] += 0.3  # the chest wall
+        r, c, rad = _refine_fit(_fit_image(img), allow, 80.0, cc - 1, 8.0)
+        assert abs(rad - 8.0) < 1.0 and abs(c - cc) < 1.5 and abs(r - 80) < 1.0
+        assert _disk_inside_frac(allow, r, c, rad) >= FIT_CORE_FRAC - 1e-9
