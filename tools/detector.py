@@ -77,9 +77,12 @@ PLEURAL_CLOSING_MM = 12.0  # second lung-side hypothesis for pleural candidates:
 RAY_DIRS = 162  # directions of the ray-cast shape of a blob (juxtavascular hypothesis)
 JV_MAX_RADIUS_MM = 4.5  # juxtavascular hypothesis only for balls up to this radius (segmental vessels' size)
 CAP_FIT_MAX_VOXELS = 1500  # voxels of its window the cap model is fitted to (an even subsample beyond)
-CAP_FIT_MIN_CONF = 0.1  # caps at least this plausible are sized by the wall+sphere model (then scored again)
+CAP_FIT_MIN_CONF = 0.1  # caps this plausible (shape aside) are sized by the wall+sphere model, then scored again
 CAP_FIT_MAX_MM = 12.0  # ... for caps seen up to this size: over a small cap's window the wall is a plane
 CAP_FIT_MAX_RESID = 0.12  # RMS residual (fraction of wall contrast) up to which the wall+sphere model sizes a cap
+CAP_FIT_GOOD_RESID = 0.09  # ... and below which its fit fully stands for the cap's shape in the plausibility
+SIZED_BY_FREE_SURFACE = "its size comes from a sphere fitted to its free (lung-facing) surface"  # said in the note
+CAP_SHAPE_MAX_MM = 8.0  # caps up to this size may pass on the model's fit rather than their ragged free surface
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,7 +561,8 @@ def _size_cap(seg: dict[str, Any]) -> None:
     seg["cap_fit"] = fit
     sp_kji = args[5]
     if (fit is None or fit["resid"] > CAP_FIT_MAX_RESID or fit["at_bound"]
-            or fit["height"] < 0.7 * 0.5 * (sp_kji[1] + sp_kji[2])):
+            or fit["height"] < 0.7 * 0.5 * (sp_kji[1] + sp_kji[2])
+            or fit["radius"] > CAP_FIT_MAX_MM):  # a sphere this large under a small cap is the wall's curve
         return
     d_cap = 2.0 * fit["radius"]
     seg["long"] = float(np.clip(seg["long"], d_cap, 1.25 * d_cap))
@@ -817,8 +821,23 @@ def _ramp(x: float, zero: float, one: float) -> float:
     return float(np.clip((x - zero) / (one - zero), 0.0, 1.0))
 
 
-def _confidence(seg: dict[str, Any], cand: dict[str, Any]) -> float:
+def _used_cap(seg: dict[str, Any]) -> dict[str, Any] | None:
+    """The wall+sphere fit that sized this blob, if one did (:func:`_size_cap`)."""
+    fit = seg.get("cap_fit")
+    return fit if isinstance(fit, dict) and fit.get("used") else None
+
+
+def _cap_volume(fit: dict[str, Any]) -> float:
+    """mm3 of the fitted sphere out of the wall (a spherical cap of the fitted height)."""
+    r = float(fit["radius"])
+    h = float(np.clip(fit["height"], 0.0, 2.0 * r))
+    return float(np.pi * h * h * (3.0 * r - h) / 3.0)
+
+
+def _confidence(seg: dict[str, Any], cand: dict[str, Any], assume_cap: bool = False) -> float:
     """0-1 plausibility that a segmented blob is a nodule rather than a vessel, the wall or noise.
+    ``assume_cap``: a blob on the pleura scored without the free-surface shape tests (the plausibility
+    it would have if the wall+sphere model explained it: whether that model is worth fitting).
 
     Evidence used (each a soft ramp; their product is the score):
     - compactness: elongation of the 3-D inertia ellipsoid (a juxtapleural nodule, cut flat by
@@ -850,15 +869,27 @@ def _confidence(seg: dict[str, Any], cand: dict[str, Any]) -> float:
         s *= _ramp(seg["contrast"], 500.0, 600.0)
     elif seg.get("juxtapleural"):
         # the visible cap of a nodule on the pleura: flat on one side (elongated), but whole, not
-        # fed by vessels, and dense; the hilum's vessel stumps are none of these
-        s *= _ramp(seg["elong"], 3.6, 3.2)
-        s *= _ramp(seg["nvox"] * seg.get("voxel_mm3", 1.0), 20.0, 30.0)  # a visible cap, not a speck
-        s *= _ramp(seg.get("z_extent_mm", 99.0), 3.0, 4.0)  # on more than one thin slice
-        # a cap is flatter than a ball, so its Hessian blobness is lower; what marks it is that a
-        # sphere explains its free surface (within the voxel grid's roughness)
-        s *= _ramp(blob, 0.35, 0.45)
+        # fed by vessels, and dense; the hilum's vessel stumps are none of these. A cap is flatter than a
+        # ball, so its Hessian blobness is lower; what marks it is that a sphere explains its free surface
+        # (within the voxel grid's roughness)
         lim = 0.10 + 0.5 * seg.get("voxel_in_plane_mm", 1.0) / max(seg.get("r_fit", 1.0), 1.0)
-        s *= _ramp(seg.get("sphere_rms", 1.0), lim + 0.08, lim)
+        shape = (_ramp(seg["elong"], 3.6, 3.2)
+                 * _ramp(seg["nvox"] * seg.get("voxel_mm3", 1.0), 20.0, 30.0)  # a visible cap, not a speck
+                 * _ramp(seg.get("z_extent_mm", 99.0), 3.0, 4.0)  # on more than one thin slice
+                 * _ramp(seg.get("sphere_rms", 1.0), lim + 0.08, lim))
+        cap = _used_cap(seg)
+        if cap is not None and 2.0 * cap["radius"] <= CAP_SHAPE_MAX_MM:
+            # or, for a small nodule, the wall+sphere model that sized it: its fit to the HU around the
+            # cap stands for the thresholded free surface, which a small cap's partial volume makes ragged
+            # (a 5 mm cap two voxels proud segments as a speck, or runs along the pleura); the sphere must
+            # stand out of the wall as a cap worth the name, and be solid (a faint sphere is a vessel's
+            # partial volume or noise; a small ground-glass cap is not worth a false alarm). A larger cap's
+            # free surface is tested as it is.
+            shape = max(shape, _ramp(_cap_volume(cap), 10.0, 16.0)
+                        * _ramp(cap["resid"], CAP_FIT_MAX_RESID, CAP_FIT_GOOD_RESID)
+                        * _ramp(cap["density"], 0.55, 0.7))
+        s *= 1.0 if assume_cap else shape
+        s *= _ramp(blob, 0.35, 0.45)
         s *= _ramp(rn, 0.035, 0.045)
         s *= _ramp(seg["shell_ratio"], 0.4, 0.3)
         s *= _ramp(seg["opened_frac"], 0.7, 0.8)
@@ -898,7 +929,7 @@ def _confidence(seg: dict[str, Any], cand: dict[str, Any]) -> float:
     if seg["mean_d"] < 6.0:
         s *= _ramp(seg["contrast"], 300.0, 400.0)
         s *= _ramp(seg["contrast"] / max(seg.get("noise", 30.0), 1.0), 8.0, 12.0)
-    s *= _ramp(seg["mean_d"], 2.5, 3.5)
+    s *= 1.0 if assume_cap else _ramp(seg["mean_d"], 2.5, 3.5)  # a cap's size is the model's to say
     s *= _ramp(seg["border_frac"], 0.1, 0.0)
     return float(np.clip(s, 0.0, 1.0))
 
@@ -933,8 +964,7 @@ def _to_finding(series: Series, anat: Anatomy | None, seg: dict[str, Any], conf:
             notes.append("juxtapleural: it touches the pleura; its size is that of the sphere which, partly "
                          "hidden in the chest wall, best explains the image around it")
         else:
-            notes.append("juxtapleural: it touches the pleura; its size comes from a sphere fitted to its free "
-                         "(lung-facing) surface")
+            notes.append(f"juxtapleural: it touches the pleura; {SIZED_BY_FREE_SURFACE}")
     if seg.get("constrained"):
         notes.append("juxtavascular: it sits on a vessel about as thick as itself; measured as the ball around "
                      "its centre, the vessel cut off at its surface")
@@ -995,8 +1025,9 @@ def _segment_scored(series: Series, anat: Anatomy | None, paren: float | None, i
     """Segment a candidate and score it. A blob against the pleura gets a second hypothesis for the
     lung side (a wider rolling ball: a flat cap of a large nodule is a shallow dent in the air that a
     ball scaled to the candidate does not fill) and keeps the more nodule-like of the two. A cap kept
-    with some plausibility (or any, ``size_all_caps``: a re-measurement at a known place) is then sized
-    by the wall+sphere model and scored again with that size."""
+    with some plausibility, or that would have it were its shape left to the model (a small cap whose
+    thresholded surface is a speck), or any (``size_all_caps``: a re-measurement at a known place) is
+    then sized by the wall+sphere model and scored again with that size."""
     half = max(3.0 * r + 6.0, 14.0)
     lung_roi = None
     if anat is not None:
@@ -1025,7 +1056,8 @@ def _segment_scored(series: Series, anat: Anatomy | None, paren: float | None, i
             if best is None or conf3 > best[0]:
                 best = (conf3, seg3)
     if best is not None and best[1].get("_cap_args") is not None and (
-            size_all_caps or best[0] >= CAP_FIT_MIN_CONF):
+            size_all_caps or best[0] >= CAP_FIT_MIN_CONF
+            or _confidence(best[1], cand, assume_cap=True) >= CAP_FIT_MIN_CONF):
         _size_cap(best[1])
         best = (_confidence(best[1], cand), best[1])
     for sg in (seg, seg2, seg3):

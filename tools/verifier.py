@@ -247,6 +247,12 @@ class Unit:
 
 
 def finding_features(f: dict[str, Any], r: Remeasure, noise: float) -> dict[str, float]:
+    """What a finding's reliability is computed from: its re-measurements under perturbation (found again,
+    box overlap, diameter spread and bias), the detector's own plausibility, and what kind of finding it is.
+    ``surface_large``: a large nodule on the pleura sized from its free surface (the wall+sphere model sizes
+    caps seen up to 12 mm): a systematic error that re-measuring repeats, so agreement cannot reveal it."""
+    from tools.detector import SIZED_BY_FREE_SURFACE
+
     d = float(f.get("diameter_mm") or 0.0)
     notes = " ".join(f.get("notes") or [])
     return {
@@ -258,6 +264,7 @@ def finding_features(f: dict[str, Any], r: Remeasure, noise: float) -> dict[str,
         "log_d": math.log(max(d, 1.0)), "small": float(d < 6.0),
         "pleural": float("juxtapleural" in notes), "vascular": float("juxtavascular" in notes),
         "ggo": float(f.get("attenuation") == "ground-glass"), "noise": noise / 30.0,
+        "surface_large": float(SIZED_BY_FREE_SURFACE in notes) * float(np.clip((d - 10.0) / 4.0, 0.0, 1.0)),
     }
 
 
@@ -585,11 +592,11 @@ def assess(series: Series, analysis: Any, findings: list[dict[str, Any]], zones:
 CALIBRATION_PATH = Path(__file__).with_name("verifier_calibration.json")
 CALIBRATION_VERSION = 1
 #: what the answer units' features are; a cached collection of another version is collected again
-UNIT_FEATURES_VERSION = 2  # 2: the region unit's sensitivity probes (probe_*)
+UNIT_FEATURES_VERSION = 3  # 2: the region unit's sensitivity probes (probe_*); 3: finding surface_large
 #: expected direction of each feature's effect on P(correct); the fit drops a feature whose sign disagrees,
 #: so the mapping is monotone in these (a re-found share that rises can never lower the score)
 MONOTONE: dict[str, dict[str, int]] = {
-    "finding": {"refound": 1, "conf_mean": 1, "iou": 1, "spread": -1, "bias": -1, "det_conf": 1},
+    "finding": {"refound": 1, "conf_mean": 1, "iou": 1, "spread": -1, "bias": -1, "det_conf": 1, "surface_large": -1},
     "region": {"near_conf": -1, "near_refound": -1, "near_conf_mean": -1, "near_d": -1, "noise": -1, "probe_seen": 1,
                "probe_pleural": 1, "probe_vascular": 1, "probe_conf": 1},
     "change": {"margin": 1, "pair_spread": -1, "other_conf": -1, "other_refound": -1, "ex_refound": 1, "ex_conf": 1,
