@@ -876,12 +876,14 @@ def _confidence(seg: dict[str, Any], cand: dict[str, Any], assume_cap: bool = Fa
         shape = (_ramp(seg["elong"], 3.6, 3.2)
                  * _ramp(seg["nvox"] * seg.get("voxel_mm3", 1.0), 20.0, 30.0)  # a visible cap, not a speck
                  * _ramp(seg.get("z_extent_mm", 99.0), 3.0, 4.0)  # on more than one thin slice
+                 * _ramp(blob, 0.35, 0.45) * _ramp(rn, 0.035, 0.045)  # the seed's Hessian: a blob, if a flat one
                  * _ramp(seg.get("sphere_rms", 1.0), lim + 0.08, lim))
         cap = _used_cap(seg)
         if cap is not None and 2.0 * cap["radius"] <= CAP_SHAPE_MAX_MM:
             # or, for a small nodule, the wall+sphere model that sized it: its fit to the HU around the
             # cap stands for the thresholded free surface, which a small cap's partial volume makes ragged
-            # (a 5 mm cap two voxels proud segments as a speck, or runs along the pleura); the sphere must
+            # (a 5 mm cap two voxels proud segments as a speck, or runs along the pleura), and for the
+            # search grid's Hessian, on which it is a flat smudge at the lung's edge; the sphere must
             # stand out of the wall as a cap worth the name, and be solid (a faint sphere is a vessel's
             # partial volume or noise; a small ground-glass cap is not worth a false alarm). A larger cap's
             # free surface is tested as it is.
@@ -889,8 +891,6 @@ def _confidence(seg: dict[str, Any], cand: dict[str, Any], assume_cap: bool = Fa
                         * _ramp(cap["resid"], CAP_FIT_MAX_RESID, CAP_FIT_GOOD_RESID)
                         * _ramp(cap["density"], 0.55, 0.7))
         s *= 1.0 if assume_cap else shape
-        s *= _ramp(blob, 0.35, 0.45)
-        s *= _ramp(rn, 0.035, 0.045)
         s *= _ramp(seg["shell_ratio"], 0.4, 0.3)
         s *= _ramp(seg["opened_frac"], 0.7, 0.8)
         s *= _ramp(seg["contrast"], 400.0, 500.0)
