@@ -348,8 +348,9 @@ def _pv_volume(shape: tuple[int, int, int], spacing: tuple[float, float, float],
 
 
 def _wall_scene(diameter: float, depth: float, seed: int) -> tuple[Series, np.ndarray]:
-    """An oblique chest wall (thick slices, partial volume, blur, noise) with a sphere ``depth`` mm inside it (0 = centred on the
-    pleura; no sphere when ``diameter`` is 0); returns the series and the middle of the visible cap."""
+    """An oblique chest wall (thick slices, partial volume, blur, noise) with a sphere ``depth`` mm inside
+    it (0 = centred on the pleura; no sphere when ``diameter`` is 0); returns the series and the middle of
+    the visible cap."""
     spacing = (1.4, 1.4, 2.25)
     n = np.array([0.95, 0.25, 0.18])
     n /= np.linalg.norm(n)
