@@ -396,6 +396,29 @@ def test_a_small_nodule_on_the_pleura_is_taken_for_one_though_its_surface_is_a_s
     assert abs(f.diameter_mm - diameter) <= 1.0, (f.diameter_mm, diameter)
 
 
+@pytest.mark.parametrize("seed", [5016, 5019])
+def test_a_small_nodule_one_search_voxel_proud_of_the_pleura_is_sought_and_reported(seed: int) -> None:
+    """Phantoms whose smallest nodule (4.4 / 4.5 mm) is centred on the costal pleura: it rises ~2 mm into
+    the lung, a single voxel of the 1.35 mm search grid, so it is no depth peak for the pleural seeds and
+    no blob to the Hessian filter (both versions before the shallow-cap seeds missed it). It is sought among
+    the shallow sites ranked by excess density, reported, placed and sized."""
+    from tools.phantom import make_study_arrays
+
+    hu, geom, truth = make_study_arrays(seed, size="small", which="current")
+    s = _series(hu, geom, f"test-shallow-cap-{seed}")
+    small = [n for n in truth["nodules"] if n["juxtapleural"] and n["diameter_mm"] < 5.0]
+    assert small, "the phantom should hold a small juxtapleural nodule"
+    CACHE.clear()
+    found = analyze_series(s).nodules
+    m = match_nodules(found, small)
+    assert m["fn"] == 0, m["missed"]
+    by_id = {f.id: f for f in found}
+    for p in m["pairs"]:
+        assert abs(p["diameter_error_mm"]) <= 1.5 and p["side_ok"] and p["zone_ok"], p
+        assert any("pleura" in t for t in by_id[p["finding_id"]].notes)
+    assert match_nodules(found, truth["nodules"])["fp"] == 0
+
+
 @pytest.mark.parametrize("diameter,depth", [(0.0, 0.0), (16.0, 6.5), (24.0, 10.5)])
 def test_a_bare_pleura_or_a_shallow_bulge_of_the_wall_is_no_nodule(diameter: float, depth: float) -> None:
     """The other side of the test above: the bare pleura, and a broad bulge 1.5 mm high (a large sphere

@@ -163,7 +163,9 @@ def test_thick_slices_lower_the_measured_sensitivity_and_the_none_found_answer(c
     verifier.score_units(thin_u)
     verifier.score_units(thick_u)
     p_thin, p_thick = (float(np.mean([u.p for u in us])) for us in (thin_u, thick_u))
-    assert p_thick < p_thin - 0.01, (p_thin, p_thick)
+    # by how much is the calibration's to say: on the calibration phantoms the probes' share predicts few
+    # misses, so the cross-validated zone model leans on it lightly (about 0.005 here)
+    assert p_thick < p_thin, (p_thin, p_thick)
     weakest = min(thick_u, key=lambda u: u.p or 0.0)
     assert weakest.info["probe"]["seen"] < weakest.info["probe"]["n"]
     assert "test nodule" in verifier.caveat_for(weakest) and "lung-window slices" in verifier.caveat_for(weakest)
@@ -218,6 +220,24 @@ def test_calibration_file_loads_is_disjoint_and_monotone() -> None:
     fm = cal.models["finding"]
     assert fm.prob({**dict(zip(fm.features, fm.mean)), "refound": 1.0, "conf_mean": 1.0}) > \
         fm.prob({**dict(zip(fm.features, fm.mean)), "refound": 0.0, "conf_mean": 0.0})
+
+
+def test_regularisation_is_chosen_by_patient_cross_validation() -> None:
+    """With a handful of wrong units among hundreds, noise features must not be followed (the strongest
+    regularisation wins), while a feature that truly separates them keeps a weak one."""
+    from tools.verifier_calibrate import C_GRID, _fit_kind, choose_c
+
+    rng = np.random.default_rng(0)
+    n, per = 400, 12  # 400 units of 33 patients
+    groups = np.arange(n) // per
+    y = (rng.random(n) > 0.04).astype(int)  # ~4 % wrong, as zone misses
+    noise = rng.normal(size=(n, 8))
+    assert choose_c(noise, y, groups) == min(C_GRID)
+    signal = np.column_stack([noise[:, :2], np.where(y == 1, 0.0, -4.0) + 0.3 * rng.normal(size=n)])
+    assert choose_c(signal, y, groups) > min(C_GRID)
+    m = _fit_kind("region", noise, y, [f"f{i}" for i in range(8)], groups)
+    assert m.c == min(C_GRID) and max(abs(c) for c in m.coef) < 0.2
+    assert all(abs(m.prob(dict(zip(m.features, row))) - y.mean()) < 0.03 for row in noise[:20])
 
 
 def test_follow_up_reliability_answers_from_the_stored_verification(tmp_path: Path, phantom_patient: dict,

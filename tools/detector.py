@@ -10,7 +10,11 @@ finds lung nodules and masses:
 2. *Candidates*: multi-scale Hessian "dot" enhancement (Li et al. 2003: ``|l3|^2/|l1|`` when all
    three eigenvalues are negative, zero for tubes and plates), scale-normalised, over sigmas for
    radii ~2-22 mm on a pyramid (each scale at ~1.5 voxels), local maxima above a contrast-scaled
-   threshold, greedy non-maximum suppression across scales.
+   threshold, greedy non-maximum suppression across scales. On the pleura, where a cap cut flat by
+   the wall is plate-like to that filter: peaks of the depth of solid tissue into the lung air, ranked
+   by how alone they stand (:func:`_pleural_candidates`), and, for caps only one search voxel high
+   (a 4-5 mm nodule centred on the pleura), sites on the wall ranked by their excess density over the
+   pleura beside them (:func:`_shallow_cap_candidates`).
 3. *Segmentation* of each candidate at full resolution in a small ROI: local parenchyma and core HU,
    threshold half-way between them (half-maximum: unbiased borders under blur and partial volume),
    the lung side of the pleura only (a local rolling-ball closing of the air), no bone, vessel
@@ -83,6 +87,8 @@ CAP_FIT_MAX_RESID = 0.12  # RMS residual (fraction of wall contrast) up to which
 CAP_FIT_GOOD_RESID = 0.09  # ... and below which its fit fully stands for the cap's shape in the plausibility
 SIZED_BY_FREE_SURFACE = "its size comes from a sphere fitted to its free (lung-facing) surface"  # said in the note
 CAP_SHAPE_MAX_MM = 8.0  # caps up to this size may pass on the model's fit rather than their ragged free surface
+SHALLOW_CAP_SEEDS = 60  # sites on the pleura, ranked by excess density, where a cap one search voxel high is sought
+SHALLOW_CAP_MEDIASTINUM_MM = 3.0  # ... none this close to the mediastinal structures (hilar vessels crowd there)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +302,59 @@ def _pleural_candidates(base: _Level, max_n: int = 30, max_around: float = 0.2) 
     out = [c for c in out if c["around"] <= max_around]
     out.sort(key=lambda c: c["around"])
     return out[:max_n]
+
+
+def _shallow_cap_candidates(base: _Level, anat: Anatomy, paren: float,
+                            max_n: int = SHALLOW_CAP_SEEDS) -> list[dict[str, Any]]:
+    """Candidates for small nodules on the pleura, which stand only one search voxel proud of it.
+
+    A 4-5 mm nodule centred on the pleura rises about 2 mm into the lung: on the search grid it is a
+    single voxel of partial volume against the wall, so it is neither a depth peak for
+    :func:`_pleural_candidates` nor a blob to the Hessian filter. Here every solid voxel against the
+    wall that is a local maximum of its depth (ties broken by density) is a site, and the sites are
+    ranked by their excess density: the lung side's mean density within ~1.5 mm minus that within
+    ~4 mm (a cap is denser than the pleura beside it; smooth pleura and its partial volume are not).
+    Bone inside the closed lung mask (HU over 150) and the mediastinal surface (within
+    ``SHALLOW_CAP_MEDIASTINUM_MM`` of the mediastinum, heart, aorta or airways, where hilar vessels
+    crowd) are left out. The best ``max_n`` are segmented and scored like any other candidate."""
+    sp = (base.spacing[2], base.spacing[1], base.spacing[0])  # k, j, i
+    solid = base.mask & (base.vol > -500.0)
+    if not solid.any():
+        return []
+    depth = ndi.distance_transform_edt(solid | ~base.mask, sampling=sp)
+    to_wall = ndi.distance_transform_edt(base.mask, sampling=sp)
+    vmin = min(base.spacing)
+    sel = solid & (to_wall <= 1.5 * max(base.spacing)) & (depth >= vmin - 1e-6) & (base.vol < 150.0)
+    if not sel.any():
+        return []
+    soft = np.where(solid, depth + (base.vol + 1000.0) / 2000.0, 0.0)
+    win = tuple(max(3, 2 * int(round(4.0 / s)) + 1) for s in sp)
+    pk = np.argwhere(sel & (soft >= ndi.maximum_filter(soft, size=win, mode="constant")))
+    if len(pk) == 0:
+        return []
+    dens = np.where(base.mask, np.clip((base.vol - paren) / (40.0 - paren), 0.0, 1.0), 0.0).astype(np.float32)
+    inside = base.mask.astype(np.float32)
+    near_s, far_s = [1.5 / s for s in sp], [4.0 / s for s in sp]
+    near = ndi.gaussian_filter(dens, near_s) / np.maximum(ndi.gaussian_filter(inside, near_s), 0.05)
+    far = ndi.gaussian_filter(dens, far_s) / np.maximum(ndi.gaussian_filter(inside, far_s), 0.05)
+    excess = (near - far)[tuple(pk.T)]
+    g = anat.grid
+    gsp = np.array([g.spacing[2], g.spacing[1], g.spacing[0]], dtype=float)
+    n = np.maximum(1, np.round(SHALLOW_CAP_MEDIASTINUM_MM / gsp).astype(int))
+    out: list[tuple[float, np.ndarray]] = []
+    for q in np.argsort(-excess):
+        if len(out) >= max_n:
+            break
+        k, j, i = pk[q]
+        full = base.offset + base.scale * np.array([i, j, k], dtype=float)
+        w = np.clip(np.round((full[::-1] - np.asarray(g.offset)) / np.asarray(g.factors)).astype(int), 0,
+                    np.asarray(g.shape) - 1)
+        lo, hi = np.maximum(w - n, 0), w + n + 1
+        if np.isin(anat.labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], _MEDIASTINAL_LABELS).any():
+            continue
+        out.append((float(excess[q]), full))
+    return [{"ijk": f, "radius": 2.0, "sigma": 0.0, "source": "pleural", "shallow": True, "excess": e}
+            for e, f in out]
 
 
 def _nms(cands: list[dict[str, Any]], spacing: tuple[float, float, float]) -> list[dict[str, Any]]:
@@ -1079,6 +1138,7 @@ def _analyze(series: Series) -> SeriesAnalysis:
     base, _ = sv
     cands = _nms(_candidates(base, notes), series.spacing)
     cands += _pleural_candidates(base)
+    cands += _shallow_cap_candidates(base, anat, paren)
     t1 = time.time()
     scored: list[dict[str, Any]] = []
     for c in cands:

@@ -615,11 +615,28 @@ class KindModel(BaseModel):
     intercept: float
     n: int
     n_wrong: int
+    c: float | None = None  # the regularisation strength it was fitted with (cross-validated)
 
     def prob(self, feats: dict[str, float]) -> float:
         x = np.array([(feats.get(k, 0.0) - m) / s for k, m, s in zip(self.features, self.mean, self.scale)])
         z = float(x @ np.asarray(self.coef) + self.intercept)
         return 1.0 / (1.0 + math.exp(-z))
+
+
+class NearMissRule(BaseModel):
+    """A zone whose best sub-threshold candidate keeps scoring when re-measured: too rare on the calibration
+    seeds for the regularised zone model to follow (a few in hundreds of zones), yet a large share of them
+    hide a missed nodule. Its "nothing (else) here" is capped at the share of such zones that were right
+    (Laplace-smoothed: (right + 1) / (n + 2))."""
+
+    model_config = ConfigDict(extra="forbid")
+    threshold: float  # near_conf_mean at or above which the rule applies
+    n: int
+    n_wrong: int
+    p: float
+
+
+NEAR_MISS_STRONG = 0.3  # re-measured confidence of a sub-threshold candidate that makes it a near miss
 
 
 class Calibration(BaseModel):
@@ -631,6 +648,7 @@ class Calibration(BaseModel):
     seeds: list[int]
     detector: str = ""  # what the detector was when fitted (a fingerprint of its module)
     models: dict[str, KindModel]
+    near_miss: NearMissRule | None = None
     fit_metrics: dict[str, Any] = {}
 
 
@@ -670,7 +688,11 @@ def predict(kind: str, feats: dict[str, float], cal: Calibration | None = None) 
     """P(correct) for one unit and the method that gave it."""
     cal = cal or load_calibration()
     if cal is not None and kind in cal.models:
-        return cal.models[kind].prob(feats), "calibrated"
+        p = cal.models[kind].prob(feats)
+        rule = cal.near_miss
+        if kind == "region" and rule is not None and feats.get("near_conf_mean", 0.0) >= rule.threshold:
+            p = min(p, rule.p)
+        return p, "calibrated"
     return _fallback(kind, feats), "uncalibrated"
 
 

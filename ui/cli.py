@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verifier", help="calibrate / evaluate the reliability index on phantom patients")
     vsub = s.add_subparsers(dest="vcmd", required=True)
-    for name, what in (("calibrate", "fit the calibration (default seeds 5000-5031) and write "
+    for name, what in (("calibrate", "fit the calibration (default seeds 5000-5063) and write "
                                      "tools/verifier_calibration.json"),
                        ("evaluate", "AUC, ECE and cost on held-out phantoms (default seeds 6000-6011)")):
         v = vsub.add_parser(name, help=what)
