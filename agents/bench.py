@@ -401,8 +401,9 @@ def radiograph_rows(seeds: list[int] | None = None, workdir: Path | None = None,
     rows = [("radiograph", f"lung-field box IoU, mean / min (held-out seeds {h[0]}-{h[-1]}, {res['held_out']['films']} "
                            f"films; [scorer's fitting seeds {t[0]}-{t[-1]}])",
              both(lambda r: f"{f(r['lung_field_box_iou'])} / {f(r['lung_field_box_iou_min'])}")),
-            ("radiograph", "cardiothoracic ratio |error|, mean / max",
-             both(lambda r: f"{f(r['ctr_abs_error'], '.4f')} / {f(r['ctr_abs_error_max'], '.4f')}")),
+            ("radiograph", "cardiothoracic ratio |error|, mean / max (films where one was measured)",
+             both(lambda r: f"{f(r['ctr_abs_error'], '.4f')} / {f(r['ctr_abs_error_max'], '.4f')} "
+                            f"({r.get('ctr_measured', 'n/a')})")),
             ("radiograph", "opacities >= 10 mm found: centre in a lung field / all",
              both(lambda r: f"{f(r['sensitivity_ge10mm_in_field'], '.2f')} (n={r['opacities_ge_min_in_field']}) / "
                             f"{f(r['sensitivity_ge10mm_all'], '.2f')} (n={r['opacities_ge_min_all']})")),

@@ -262,3 +262,33 @@ def test_refined_opacity_stays_in_the_field() -> None:
         r, c, rad = _refine_fit(_fit_image(img), allow, 80.0, cc - 1, 8.0)
         assert abs(rad - 8.0) < 1.0 and abs(c - cc) < 1.5 and abs(r - 80) < 1.0
         assert _disk_inside_frac(allow, r, c, rad) >= FIT_CORE_FRAC - 1e-9
+
+
+def test_heart_is_measured_when_a_field_stops_high_beside_the_mediastinum() -> None:
+    """The left field's medial strip above the aortic knob ends high up, well above the diaphragm: that is
+    not the dome. Taking it for the dome ended the heart's left border before it began, and one film in
+    five of the projected phantoms got no cardiothoracic ratio ("the heart borders could not be traced")."""
+    from tools.radiograph import _dome, _heart_and_thorax
+
+    h, w = 320, 400
+    yy, xx = np.mgrid[0:h, 0:w]
+    mid = 200
+    heart = ((xx - 200) / 30.0) ** 2 + ((yy - 230) / 50.0) ** 2 <= 1.0
+    right = (xx >= 100) & (xx < mid - 10) & (yy >= 30) & (yy < 290 - 0.3 * np.abs(xx - 130)) & ~heart
+    left = (xx > mid + 10) & (xx <= 330) & (yy >= 30) & (yy < 290 - 0.3 * np.abs(xx - 270)) & ~heart
+    left &= ~((xx < 250) & (yy > 70))  # beside the aortic knob and the heart: the strip above stops at row 70
+    fields = np.zeros((h, w), dtype=np.uint8)
+    fields[right] = 1
+    fields[left] = 2
+    dome = _dome(fields, 2)
+    assert dome is not None and dome[1] > 250, dome  # the diaphragm, not the strip's end at row 70
+    geo, notes = _heart_and_thorax(fields, mid, 1)
+    assert "ctr" in geo, notes
+    # the silhouette between the fields at the heart's widest rows: columns 170 (right field's border 169)
+    # to 249 (left field from 250); the thorax from 100 to 330
+    assert abs(geo["heart"]["width"] - 82) <= 3 and abs(geo["ctr"] - 82 / 231) < 0.015
+    # a right border traced further from the midline than the left one is the hilum or the field's edge
+    # (the heart lies mostly left of the midline): no ratio, and the answer says why
+    fields[(fields == 1) & (xx > 130) & (yy > 150)] = 0
+    geo, notes = _heart_and_thorax(fields, mid, 1)
+    assert "ctr" not in geo and any("right border" in n and "not reported" in n for n in notes), notes

@@ -261,17 +261,30 @@ def _candidates(base: _Level, notes: list[str]) -> list[dict[str, Any]]:
     return cands
 
 
-def _pleural_candidates(base: _Level, max_n: int = 30, max_around: float = 0.2) -> list[dict[str, Any]]:
+def _wall_depth(base: _Level) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The search volume's solid voxels (over -500 HU inside the closed lung mask), each voxel's
+    distance to the lung air counting the wall as solid, and its distance to the wall; None when
+    nothing in the lungs is solid. Shared by the two pleural seeders."""
+    sp = (base.spacing[2], base.spacing[1], base.spacing[0])  # k, j, i
+    solid = base.mask & (base.vol > -500.0)
+    if not solid.any():
+        return None
+    depth = ndi.distance_transform_edt(solid | ~base.mask, sampling=sp)  # distance to the lung air
+    to_wall = ndi.distance_transform_edt(base.mask, sampling=sp)  # distance to the wall
+    return solid, depth, to_wall
+
+
+def _pleural_candidates(base: _Level, max_n: int = 30, max_around: float = 0.2,
+                        wall: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Candidates for nodules on the pleura, which the Hessian dot filter under-ranks (a cap cut flat
     by the chest wall is plate-like): local maxima of the distance to the air, counting the wall as
     solid, among solid voxels right against the wall. A cap of height h peaks at ~h at its base; the
     smooth pleura stays near 0 and peripheral vessels at their (small) radius."""
     sp = (base.spacing[2], base.spacing[1], base.spacing[0])  # k, j, i
-    solid = base.mask & (base.vol > -500.0)
-    if not solid.any():
+    wd = wall if wall is not None else _wall_depth(base)
+    if wd is None:
         return []
-    depth = ndi.distance_transform_edt(solid | ~base.mask, sampling=sp)  # distance to the lung air
-    to_wall = ndi.distance_transform_edt(base.mask, sampling=sp)  # distance to the wall
+    solid, depth, to_wall = wd
     vmin = min(base.spacing)
     sel = solid & (to_wall <= 1.5 * max(base.spacing)) & (depth >= max(2.0, 1.5 * vmin))
     if not sel.any():
@@ -304,8 +317,8 @@ def _pleural_candidates(base: _Level, max_n: int = 30, max_around: float = 0.2) 
     return out[:max_n]
 
 
-def _shallow_cap_candidates(base: _Level, anat: Anatomy, paren: float,
-                            max_n: int = SHALLOW_CAP_SEEDS) -> list[dict[str, Any]]:
+def _shallow_cap_candidates(base: _Level, anat: Anatomy, paren: float, max_n: int = SHALLOW_CAP_SEEDS,
+                            wall: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Candidates for small nodules on the pleura, which stand only one search voxel proud of it.
 
     A 4-5 mm nodule centred on the pleura rises about 2 mm into the lung: on the search grid it is a
@@ -314,15 +327,16 @@ def _shallow_cap_candidates(base: _Level, anat: Anatomy, paren: float,
     wall that is a local maximum of its depth (ties broken by density) is a site, and the sites are
     ranked by their excess density: the lung side's mean density within ~1.5 mm minus that within
     ~4 mm (a cap is denser than the pleura beside it; smooth pleura and its partial volume are not).
-    Bone inside the closed lung mask (HU over 150) and the mediastinal surface (within
-    ``SHALLOW_CAP_MEDIASTINUM_MM`` of the mediastinum, heart, aorta or airways, where hilar vessels
-    crowd) are left out. The best ``max_n`` are segmented and scored like any other candidate."""
+    Bone inside the closed lung mask (HU over 150) and the mediastinal surface are left out: a site
+    within ``SHALLOW_CAP_MEDIASTINUM_MM`` of the mediastinum, heart, aorta or airways, or whose wall
+    within ``HILAR_LOOK_MM`` is mostly mediastinal rather than ribs and spine (hilar vessels crowd
+    there, and their stumps look like caps). The best ``max_n`` are segmented and scored like any
+    other candidate."""
     sp = (base.spacing[2], base.spacing[1], base.spacing[0])  # k, j, i
-    solid = base.mask & (base.vol > -500.0)
-    if not solid.any():
+    wd = wall if wall is not None else _wall_depth(base)
+    if wd is None:
         return []
-    depth = ndi.distance_transform_edt(solid | ~base.mask, sampling=sp)
-    to_wall = ndi.distance_transform_edt(base.mask, sampling=sp)
+    solid, depth, to_wall = wd
     vmin = min(base.spacing)
     sel = solid & (to_wall <= 1.5 * max(base.spacing)) & (depth >= vmin - 1e-6) & (base.vol < 150.0)
     if not sel.any():
@@ -351,6 +365,8 @@ def _shallow_cap_candidates(base: _Level, anat: Anatomy, paren: float,
                     np.asarray(g.shape) - 1)
         lo, hi = np.maximum(w - n, 0), w + n + 1
         if np.isin(anat.labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], _MEDIASTINAL_LABELS).any():
+            continue
+        if _mediastinal_share(anat, full[::-1][None, :]) > 0.5:
             continue
         out.append((float(excess[q]), full))
     return [{"ijk": f, "radius": 2.0, "sigma": 0.0, "source": "pleural", "shallow": True, "excess": e}
@@ -1137,8 +1153,10 @@ def _analyze(series: Series) -> SeriesAnalysis:
         return SeriesAnalysis(anatomy=anat, nodules=[], runtime_s=time.time() - t0, notes=notes + ["No lungs."])
     base, _ = sv
     cands = _nms(_candidates(base, notes), series.spacing)
-    cands += _pleural_candidates(base)
-    cands += _shallow_cap_candidates(base, anat, paren)
+    wall = _wall_depth(base)
+    if wall is not None:
+        cands += _pleural_candidates(base, wall=wall)
+        cands += _shallow_cap_candidates(base, anat, paren, wall=wall)
     t1 = time.time()
     scored: list[dict[str, Any]] = []
     for c in cands:

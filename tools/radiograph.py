@@ -76,6 +76,10 @@ CP_BLUNT_DEG = 90.0
 MIN_CONFIDENCE = 0.175  # opacity probability (logistic, below) reported: 0.9 false positive per film on the fit films
 MAX_OPACITIES = 12
 HEART_TOP_FRAC = 0.65  # the heart borders are sought below this fraction of the fields' height
+# the heart's right border lies about half as far from the midline as its left (0.3-0.75 on the projected phantoms,
+# 1st-99th percentile); a right border traced further out than this share of the left is the hilum or the lung
+# field's edge, and the ratio is not reported
+HEART_RIGHT_MAX = 0.8
 LINE_MM = 35.0  # line openings: nodules shorter than this in every direction survive
 MAX_FIT_MM = 45.0  # largest opacity diameter fitted
 FIT_WINDOW = 2.2  # the projected-sphere fit sees lung pixels within this many radii
@@ -424,6 +428,10 @@ def _heart_and_thorax(fields: np.ndarray, mid: int, f: int) -> tuple[dict[str, A
     rl = int(rows_l[np.argmax(mld[rows_l])])
     right_col = mid - mrd[rr]
     left_col = mid + mld[rl]
+    if mrd[rr] > HEART_RIGHT_MAX * max(mld[rl], 1.0):
+        return out, notes + [f"the heart's right border was traced {mrd[rr] / max(mld[rl], 1.0):.2f} times as far from "
+                             "the midline as its left border (it is about half as far): that border is probably the "
+                             "hilum or the lung field's edge, not the heart, so the cardiothoracic ratio is not reported"]
     hw = float(left_col - right_col + 1)
     heart_top = r_a
     heart_bot = int(min(bot, max(rr, rl) + 0.25 * (bot - top)))
@@ -466,14 +474,24 @@ def _costophrenic(fields: np.ndarray, code: int, px_per_mm: float) -> dict[str, 
 
 
 def _dome(fields: np.ndarray, code: int) -> list[int] | None:
+    """[col, row] of the diaphragm's dome under one field: the highest point of the field's lower border
+    over the middle 60 % of its columns, among the columns whose field reaches the lower half of the
+    field's height (a column over the mediastinum or the heart, where the field stops high up beside the
+    aortic knob or the hilum, has no diaphragm under it)."""
     m = fields == code
     cols = np.flatnonzero(m.any(axis=0))
     if cols.size < 5:
         return None
+    rows = np.flatnonzero(m.any(axis=1))
+    half = rows[0] + 0.5 * (rows[-1] - rows[0])
     c0, c1 = cols[0], cols[-1]
     span = c1 - c0
     sel = np.arange(int(c0 + 0.2 * span), int(c1 - 0.2 * span) + 1)
-    bottoms = np.array([np.flatnonzero(m[:, c])[-1] for c in sel])
+    bottoms = np.array([np.flatnonzero(m[:, c])[-1] if m[:, c].any() else -1 for c in sel])
+    ok = bottoms >= half
+    if not ok.any():
+        return None
+    sel, bottoms = sel[ok], bottoms[ok]
     j = int(np.argmin(bottoms))
     return [int(sel[j]), int(bottoms[j])]
 
@@ -1888,6 +1906,7 @@ def evaluate_radiographs(seeds: list[int] | tuple[int, ...], workdir: str | Path
     root = Path(workdir) if workdir is not None else Path(tmp.name)  # type: ignore[union-attr]
     ious: list[float] = []
     ctr_err: list[float] = []
+    ctr_n = 0  # films with a truth ratio (the error is over those where one was measured)
     n_films = 0
     fp = 0
     tp_in = n_in = tp_all = n_all = 0
@@ -1915,8 +1934,10 @@ def evaluate_radiographs(seeds: list[int] | tuple[int, ...], workdir: str | Path
                     pb = an.boxes.get(f"{side} lung")
                     if tb is not None:
                         ious.append(_box_iou(tb, pb) if pb is not None else 0.0)
-                if tr.get("cardiothoracic") and an.ctr is not None:
-                    ctr_err.append(abs(an.ctr - tr["cardiothoracic"]["ctr"]))
+                if tr.get("cardiothoracic"):
+                    ctr_n += 1
+                    if an.ctr is not None:
+                        ctr_err.append(abs(an.ctr - tr["cardiothoracic"]["ctr"]))
                 m = _match_truth(an.opacities, tr["nodules"], sp)
                 fp += sum(1 for f in an.opacities if f.id not in m.values())
                 for t in tr["nodules"]:
@@ -1970,6 +1991,7 @@ def evaluate_radiographs(seeds: list[int] | tuple[int, ...], workdir: str | Path
         "lung_field_box_iou_min": round(float(np.min(ious)), 3) if ious else None,
         "ctr_abs_error": round(float(np.mean(ctr_err)), 4) if ctr_err else None,
         "ctr_abs_error_max": round(float(np.max(ctr_err)), 4) if ctr_err else None,
+        "ctr_measured": f"{len(ctr_err)} of {ctr_n}",
         f"sensitivity_ge{min_mm:g}mm_in_field": round(tp_in / n_in, 3) if n_in else None,
         f"sensitivity_ge{min_mm:g}mm_all": round(tp_all / n_all, 3) if n_all else None,
         "opacities_ge_min_in_field": n_in, "opacities_ge_min_all": n_all,
