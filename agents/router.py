@@ -36,6 +36,7 @@ EXEMPLARS: dict[str, list[str]] = {
         "where is the heart", "show me the trachea", "locate the aorta", "where is the spine",
         "highlight the left lung", "outline the mediastinum", "box the right lower zone", "where are the ribs",
         "show the anatomy", "segment the lungs", "where is the carina", "find the main bronchi",
+        "what is the cardiothoracic ratio", "is the heart enlarged", "measure the heart size",
     ],
     "describe": [
         "describe the left lower zone", "what is in this region", "what is this", "what lies in this box",
@@ -106,6 +107,12 @@ CUES: dict[str, tuple[str, ...]] = {
                "describe the film", "describe this film", "describe the study", "describe this study",
                "image show", "scan show", "film show", "read this film", "read the film", "read this image"),
 }
+
+# heart size: answered by the heart's box and, on a film, the cardiothoracic ratio (the detector's anatomy answer),
+# not by a search for nodules "in the heart"
+_HEART_SIZE = re.compile(r"\b(cardio-?thoracic|ctr|cardiomegal\w*|heart size|size of the heart|enlarged heart|heart "
+                         r"(?:is |looks? )?(?:enlarged|big|large)|is the heart (?:enlarged|big|large)|how (?:big|large|wide) "
+                         r"is the heart|heart(?:'s)? width|width of the heart)\b", re.IGNORECASE)
 
 TOOL_OF = {
     "detect": "detector", "locate": "detector", "describe": "detector", "compare": "comparer",
@@ -229,6 +236,11 @@ def route(question: str, context: dict[str, Any] | None = None) -> Plan:
         if "compare" in chosen and "detect" in chosen and not (vocab.lesion_kind(clause) and
                                                                 ("any" in clause.lower() or "find" in clause.lower())):
             chosen.remove("detect")
+        heart_size = bool(_HEART_SIZE.search(clause)) and not vocab.lesion_kind(clause)
+        if heart_size:  # "how big is the heart?", "what is the CTR?": the heart's measurement, not a lesion search
+            chosen = [c for c in chosen if c not in ("detect", "describe", "out_of_scope", "help")]
+            if "compare" not in chosen and "visual" not in chosen and "locate" not in chosen:
+                chosen.insert(0, "locate")
         if not chosen and (vocab.resolve_regions(clause) or vocab.lesion_kind(clause)):
             oos_like = sc["out_of_scope"] > max(v for k, v in sc.items() if k != "out_of_scope") + OOS_MARGIN
             if not oos_like:
@@ -238,6 +250,10 @@ def route(question: str, context: dict[str, Any] | None = None) -> Plan:
             if c not in intents:
                 intents.append(c)
         c_regions = [m.region for m in vocab.resolve_regions(clause) if m.region != "body"]
+        if heart_size and "heart" not in c_regions:
+            c_regions.append("heart")
+            if "heart" not in regions:
+                regions.append("heart")
         if not c_regions and clause_rows and chosen and clause_rows[-1][1]:
             c_regions = list(clause_rows[-1][1])  # "is there a nodule in the RUL and how big is it"
         clause_rows.append((chosen, c_regions, vocab.lesion_kind(clause)))

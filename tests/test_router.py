@@ -26,6 +26,18 @@ def test_single_intent(q: str, tools: list[str]) -> None:
     assert tools_of(q) == tools
 
 
+@pytest.mark.parametrize("q", ["What is the cardiothoracic ratio?", "How big is the heart?", "is the heart enlarged",
+                               "any cardiomegaly?", "what's the CTR on this film"])
+def test_heart_size_is_an_anatomy_question_about_the_heart(q: str) -> None:
+    """Heart size goes to the heart's measurement (its box and, on a film, the cardiothoracic ratio): it was
+    refused as out of scope, or searched for nodules "in the heart" ("how big" is a lesion-size cue)."""
+    p = route(q)
+    assert [(c.tool, c.args["want"], c.args["regions"]) for c in p.calls] == [("detector", "anatomy", ["heart"])]
+    # a lesion by the heart is still a lesion search, and a change in heart size a comparison
+    assert route("is there a mass next to the heart?").calls[0].args["want"] == "lesions"
+    assert tools_of("has the heart size changed since the prior?") == ["comparer"]
+
+
 def test_compound_question_picks_every_tool() -> None:
     got = tools_of("localise the lesions, compare with the last scan and write it up")
     assert got == ["detector", "comparer", "report_writer"]
