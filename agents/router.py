@@ -112,7 +112,9 @@ CUES: dict[str, tuple[str, ...]] = {
 # not by a search for nodules "in the heart"
 _HEART_SIZE = re.compile(r"\b(cardio-?thoracic|ctr|cardiomegal\w*|heart size|size of the heart|enlarged heart|heart "
                          r"(?:is |looks? )?(?:enlarged|big|large)|is the heart (?:enlarged|big|large)|how (?:big|large|wide) "
-                         r"is the heart|heart(?:'s)? width|width of the heart)\b", re.IGNORECASE)
+                         r"is the heart|heart(?:'s)? width|width of the heart|measure the heart)\b", re.IGNORECASE)
+# the costophrenic angles: measured (and blunting flagged) with the anatomy of the lower zones on a film
+_COSTOPHRENIC = re.compile(r"\b(costo-?phrenic|cp angles?|blunt\w*)", re.IGNORECASE)
 
 TOOL_OF = {
     "detect": "detector", "locate": "detector", "describe": "detector", "compare": "comparer",
@@ -237,7 +239,8 @@ def route(question: str, context: dict[str, Any] | None = None) -> Plan:
                                                                 ("any" in clause.lower() or "find" in clause.lower())):
             chosen.remove("detect")
         heart_size = bool(_HEART_SIZE.search(clause)) and not vocab.lesion_kind(clause)
-        if heart_size:  # "how big is the heart?", "what is the CTR?": the heart's measurement, not a lesion search
+        cp_angle = bool(_COSTOPHRENIC.search(clause)) and not vocab.lesion_kind(clause)
+        if heart_size or cp_angle:  # "what is the CTR?", "are the CP angles blunted?": measurements, not a lesion search
             chosen = [c for c in chosen if c not in ("detect", "describe", "out_of_scope", "help")]
             if "compare" not in chosen and "visual" not in chosen and "locate" not in chosen:
                 chosen.insert(0, "locate")
@@ -250,10 +253,15 @@ def route(question: str, context: dict[str, Any] | None = None) -> Plan:
             if c not in intents:
                 intents.append(c)
         c_regions = [m.region for m in vocab.resolve_regions(clause) if m.region != "body"]
-        if heart_size and "heart" not in c_regions:
-            c_regions.append("heart")
-            if "heart" not in regions:
-                regions.append("heart")
+        extra: list[str] = ["heart"] if heart_size else []
+        if cp_angle:
+            side = vocab.side_words(clause)
+            extra += [f"{sd} lower zone" for sd in ("right", "left") if side in (None, sd)]
+        for r in extra:
+            if r not in c_regions:
+                c_regions.append(r)
+            if r not in regions:
+                regions.append(r)
         if not c_regions and clause_rows and chosen and clause_rows[-1][1]:
             c_regions = list(clause_rows[-1][1])  # "is there a nodule in the RUL and how big is it"
         clause_rows.append((chosen, c_regions, vocab.lesion_kind(clause)))

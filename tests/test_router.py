@@ -38,6 +38,16 @@ def test_heart_size_is_an_anatomy_question_about_the_heart(q: str) -> None:
     assert tools_of("has the heart size changed since the prior?") == ["comparer"]
 
 
+def test_costophrenic_angles_are_measured_with_the_lower_zones() -> None:
+    """"Are the costophrenic angles blunted?" was refused as out of scope; the film's anatomy answer measures
+    both angles and flags blunting."""
+    p = route("Are the costophrenic angles blunted?")
+    assert [(c.tool, c.args["want"]) for c in p.calls] == [("detector", "anatomy")]
+    assert p.calls[0].args["regions"] == ["right lower zone", "left lower zone"]
+    assert route("is the right CP angle sharp?").calls[0].args["regions"] == ["right lower zone"]
+    assert tools_of("is there an effusion blunting the left costophrenic angle?") == ["vlm"]
+
+
 def test_compound_question_picks_every_tool() -> None:
     got = tools_of("localise the lesions, compare with the last scan and write it up")
     assert got == ["detector", "comparer", "report_writer"]
