@@ -242,6 +242,8 @@ def route(question: str, context: dict[str, Any] | None = None) -> Plan:
         cp_angle = bool(_COSTOPHRENIC.search(clause)) and not vocab.lesion_kind(clause)
         if heart_size or cp_angle:  # "what is the CTR?", "are the CP angles blunted?": measurements, not a lesion search
             chosen = [c for c in chosen if c not in ("detect", "describe", "out_of_scope", "help")]
+            if "compare" in cues and "compare" not in chosen:  # "how has the CTR changed?": in scope, trust the cue
+                chosen.append("compare")
             if "compare" not in chosen and "visual" not in chosen and "locate" not in chosen:
                 chosen.insert(0, "locate")
         if not chosen and (vocab.resolve_regions(clause) or vocab.lesion_kind(clause)):

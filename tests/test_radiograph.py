@@ -99,7 +99,10 @@ def test_compare_drr_pair_grown_nodule(drr_patient: dict[str, Any], tmp_path: Pa
     truth = drr_patient["truth"]
     res = compare_radiographs(drr_patient["current"], drr_patient["prior"], evidence_dir=tmp_path)
     assert res.comparison["registration"]["lung_dice_after"] >= 0.9
-    assert res.comparison["cardiothoracic_ratio"]["change"] is not None
+    ch = res.comparison["cardiothoracic_ratio"]["change"]
+    assert ch is not None
+    # a small change in the ratio is said to be within what the measurement varies between two films
+    assert ("within what the measurement varies" in res.summary) == (abs(ch) < 0.05), res.summary
     grew = [n for n in truth["nodules"] if n["fate"] == "grew" and n["current"]["diameter_mm"] >= 10]
     assert grew
     cur = truth["studies"]["current"]

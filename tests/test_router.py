@@ -36,6 +36,7 @@ def test_heart_size_is_an_anatomy_question_about_the_heart(q: str) -> None:
     # a lesion by the heart is still a lesion search, and a change in heart size a comparison
     assert route("is there a mass next to the heart?").calls[0].args["want"] == "lesions"
     assert tools_of("has the heart size changed since the prior?") == ["comparer"]
+    assert tools_of("how has the cardiothoracic ratio changed?") == ["comparer"]
 
 
 def test_costophrenic_angles_are_measured_with_the_lower_zones() -> None:

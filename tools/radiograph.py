@@ -80,6 +80,10 @@ HEART_TOP_FRAC = 0.65  # the heart borders are sought below this fraction of the
 # 1st-99th percentile); a right border traced further out than this share of the left is the hilum or the lung
 # field's edge, and the ratio is not reported
 HEART_RIGHT_MAX = 0.8
+# a change in the ratio between two films smaller than this is within the measurement's variation: the error of the
+# measured change on the projected phantom pairs (147 pairs of seeds 20-29, 40-79, 100-219) is 0.014 mean, 0.047 at
+# the 95th percentile
+CTR_CHANGE_NOISE = 0.05
 LINE_MM = 35.0  # line openings: nodules shorter than this in every direction survive
 MAX_FIT_MM = 45.0  # largest opacity diameter fitted
 FIT_WINDOW = 2.2  # the projected-sphere fit sees lung pixels within this many radii
@@ -1765,7 +1769,9 @@ def compare_radiographs(current_study: Study, prior_study: Study, regions: list[
              + (f" ({interval} days earlier)" if interval is not None else "")
              + f"; 2-D affine registration, lung-field overlap Dice {reg.dice_after:.2f}."]
     if ctr_c is not None and ctr_p is not None:
-        lines.append(f"Cardiothoracic ratio {ctr_p:.2f} -> {ctr_c:.2f} ({ctr_c - ctr_p:+.2f}).")
+        lines.append(f"Cardiothoracic ratio {ctr_p:.2f} -> {ctr_c:.2f} ({ctr_c - ctr_p:+.2f})"
+                     + (f", within what the measurement varies between two films (about ±{CTR_CHANGE_NOISE:.2f})."
+                        if abs(ctr_c - ctr_p) < CTR_CHANGE_NOISE else "."))
     u = units
     for f in shown:
         ch = f.change
