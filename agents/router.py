@@ -262,7 +262,7 @@ def route(question: str, context: dict[str, Any] | None = None) -> Plan:
         for r in extra:
             if r not in c_regions:
                 c_regions.append(r)
-            if r not in regions:
+            if r not in regions and len(clauses) == 1:  # else the other clauses' tools keep their own scope
                 regions.append(r)
         if not c_regions and clause_rows and chosen and clause_rows[-1][1]:
             c_regions = list(clause_rows[-1][1])  # "is there a nodule in the RUL and how big is it"
@@ -358,8 +358,8 @@ def _detector_calls(rows: list[tuple[list[str], list[str], str | None]], regions
             want = "lesions"
         return [ToolCall("detector", {"regions": regions, "lesion_kind": lesion, "want": want})]
     if len(wanted) == 1:
-        want = wanted[0][0]
-        return [ToolCall("detector", {"regions": regions, "lesion_kind": lesion, "want": want})]
+        want, c_regions, _ = wanted[0]
+        return [ToolCall("detector", {"regions": c_regions or regions, "lesion_kind": lesion, "want": want})]
     calls: list[ToolCall] = []
     seen: set[tuple[str, tuple[str, ...]]] = set()
     whole_chest_lesions = any(w == "lesions" and not r for w, r, _ in wanted)

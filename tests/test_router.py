@@ -37,6 +37,9 @@ def test_heart_size_is_an_anatomy_question_about_the_heart(q: str) -> None:
     assert route("is there a mass next to the heart?").calls[0].args["want"] == "lesions"
     assert tools_of("has the heart size changed since the prior?") == ["comparer"]
     assert tools_of("how has the cardiothoracic ratio changed?") == ["comparer"]
+    # in a compound question the heart is that clause's scope only: the comparison still covers every finding
+    p = route("compare with the prior and what is the cardiothoracic ratio")
+    assert [(c.tool, c.args["regions"]) for c in p.calls] == [("detector", ["heart"]), ("comparer", [])]
 
 
 def test_costophrenic_angles_are_measured_with_the_lower_zones() -> None:
