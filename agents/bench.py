@@ -407,6 +407,10 @@ def radiograph_rows(seeds: list[int] | None = None, workdir: Path | None = None,
             ("radiograph", "opacities >= 10 mm found: centre in a lung field / all",
              both(lambda r: f"{f(r['sensitivity_ge10mm_in_field'], '.2f')} (n={r['opacities_ge_min_in_field']}) / "
                             f"{f(r['sensitivity_ge10mm_all'], '.2f')} (n={r['opacities_ge_min_all']})")),
+            ("radiograph", "opacities >= 10 mm in a lung field found, by conspicuity (model observer d' < 2 / >= 2)",
+             both(lambda r: " / ".join(
+                 f"{f(v['sensitivity'], '.2f')} (n={v['n']})"
+                 for v in r["sensitivity_ge10mm_in_field_by_conspicuity"].values()))),
             ("radiograph", "false positives per film", both(lambda r: f(r["fp_per_film"], ".2f"))),
             ("radiograph", "change status correct (>= 10 mm on either film): all / centre in a lung field",
              both(lambda r: f"{f(r['change_status_accuracy'], '.2f')} (n={r['change_pairs']}) / "

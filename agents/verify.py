@@ -31,7 +31,7 @@ from tools.schemas import level_for
 log = logging.getLogger(__name__)
 
 # Priors for answers the perturbation step cannot re-measure:
-UNMEASURED_SUPPORT = 0.6  # lesion findings that were not re-measured (radiographs, pixel units)
+UNMEASURED_SUPPORT = 0.6  # lesion findings that were not re-measured (a report's, a vision-language model's)
 UNVERIFIED_CAP = 0.45  # an answer resting on a vision-language model's words (tool output "unverified")
 MAX_REMEASURED = 6  # findings re-measured per answer (largest first): keeps the verifier's cost bounded
 SAMPLE_TEMPERATURE = 0.8
@@ -132,6 +132,13 @@ def _units(study: dict[str, Any], prior: dict[str, Any] | None, plan: dict[str, 
     from tools.detector import analyze_series
 
     series = cached_study(study["path"]).primary
+    if series.is_radiograph:  # a chest film: its opacities re-measured on perturbed copies of the film
+        from tools.radiograph import analyze_radiograph
+
+        fkey = ("verify-film", series.cache_key, tuple((f["id"], tuple(f.get("bbox_px") or ()), f.get("diameter_mm"))
+                                                       for f in findings))
+        return CACHE.get_or_compute(repr(fkey), lambda: verifier.film_units(
+            series, analyze_radiograph(series), findings, max_findings=MAX_REMEASURED))
     if not series.is_volume or series.modality != "CT":
         return []
     zones = [] if request.get("box_mm") else _zones_answered(plan, results)
@@ -172,7 +179,8 @@ def verify_turn(question: str, plan: dict[str, Any], results: list[dict[str, Any
         except Exception as exc:  # noqa: BLE001 - a verifier failure lowers the score, never ends the turn
             log.exception("verification failed")
             errors.append({"tool": "verifier", "summary": str(exc)})
-    method_cal = verifier.score_units(units)
+    film = any(u.info.get("film") for u in units)
+    method_cal = "film weights" if film else verifier.score_units(units)
     per_finding: dict[str, float] = {}
     for u in units:
         if u.kind in ("finding", "change") and u.p is not None:
@@ -212,10 +220,13 @@ def verify_turn(question: str, plan: dict[str, Any], results: list[dict[str, Any
     if sampling:
         method += f" + {sampling['n']} sampled plans clustered by meaning"
     if n_pert:
-        method += f" + {n_pert} perturbed re-measurements (shift, rotation, noise, resampling)"
+        method += f" + {n_pert} perturbed re-measurements " + (
+            "of the film (noise, shift, gamma, blur)" if film else "(shift, rotation, noise, resampling)")
     if n_probe:
         method += f" + {n_probe} injected {verifier.PROBE_D_MM:.0f} mm test nodules (the detector's sensitivity per zone)"
-    if units:
+    if film:
+        method += f"; {verifier.FILM_CALIBRATION_NOTE}"
+    elif units:
         cal = verifier.load_calibration()
         method += (f"; {method_cal} on phantom seeds {cal.seeds[0]}-{cal.seeds[-1]}" if cal and method_cal == "calibrated"
                    else f"; {method_cal}")

@@ -95,6 +95,37 @@ def test_bad_input_is_a_clear_error(setup: str, expect: str, tmp_path: Path, cli
     assert "Traceback" not in r.stderr
 
 
+def test_film_of_a_limb_gets_a_clear_answer(cli_home: Path) -> None:
+    """A CR of a tibia (pydicom-data RG3) dropped into the chat: the answer says it is not a chest film and
+    measures nothing; the session goes on (exit 0, a normal answer)."""
+    import importlib.metadata
+
+    p = Path(str(importlib.metadata.distribution("pydicom-data").locate_file("data_store/data/RG3_UNCR.dcm")))
+    if not p.exists():
+        pytest.skip("pydicom-data's RG3_UNCR.dcm is not installed")
+    r = run(["ask", "--study", str(p), "--json", "are there any nodules?"], cli_home)
+    assert r.returncode == 0, r.stderr
+    ans = json.loads(r.stdout)
+    assert "not the chest" in ans["answer"] and ans["findings"] == []
+    assert "lung" not in ans["answer"].split("not the chest")[0].lower()
+
+
+def test_film_answer_is_verified_on_perturbed_films(tmp_path: Path, cli_home: Path) -> None:
+    """A detection answer on a chest film (DRR) carries a reliability from the film's opacities re-measured on
+    perturbed copies of the film, each opacity with its own."""
+    from tools.drr import write_drr_patient
+
+    write_drr_patient(tmp_path / "p", 9)
+    r = run(["ask", "--study", str(tmp_path / "p" / "current"), "--json", "are there any nodules?"], cli_home)
+    assert r.returncode == 0, r.stderr
+    ans = json.loads(r.stdout)
+    rel = ans["reliability"]
+    assert "perturbed re-measurements of the film" in rel["method"], rel["method"]
+    lesions = [f["id"] for f in ans["findings"] if f["kind"] in ("nodule", "mass")]
+    assert lesions and set(lesions) <= set(rel["details"]["measurements"])
+    assert all(0.0 <= u["p"] <= 1.0 for u in rel["details"]["units"])
+
+
 def test_bad_arguments(cli_home: Path) -> None:
     r = run(["ask", "--box", "1,2,3", "what is this?"], cli_home)
     assert r.returncode != 0 and "six numbers" in r.stderr

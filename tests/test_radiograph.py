@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,41 @@ def test_drr_dicom_and_truth(drr_patient: dict[str, Any]) -> None:
     assert 0.25 < tr["cardiothoracic"]["ctr"] < 0.6
     # standard display: the right lung field on the image left
     assert tr["anatomy"]["right lung"]["bbox_px"][2] < tr["anatomy"]["left lung"]["bbox_px"][0]
+    # every nodule carries its conspicuity on the film (model observer d')
+    assert tr["nodules"] and all(t["conspicuity"] is not None and t["conspicuity"] > 0 for t in tr["nodules"])
+
+
+def test_conspicuity_is_the_matched_filter_snr() -> None:
+    """On a flat film with white noise of SD sigma, the model observer's d' of a projected sphere is its
+    template's norm over sigma (the ideal observer's SNR), up to the small part the local plane takes; it
+    is proportional to the nodule's contrast, and a nodule hidden in texture ten times coarser scores lower."""
+    from tools.drr import _conspicuity
+
+    rng = np.random.default_rng(3)
+    h = w = 320
+    rad = 12.0
+    yy, xx = np.mgrid[-20:21, -20:21].astype(float)
+    prof = np.sqrt(np.clip(1.0 - (yy * yy + xx * xx) / rad ** 2, 0.0, None))
+    fields = np.ones((h, w), dtype=np.uint8)
+    noise = rng.standard_normal((h, w)) * 10.0
+    out = {}
+    for amp in (20.0, 40.0):
+        img = 1000.0 + noise.copy()
+        img[140:181, 140:181] += amp * prof
+        out[amp] = _conspicuity(img, fields, {"T1": (amp * prof, (140, 140))}, 0.4)["T1"]
+    ideal = float(np.linalg.norm(20.0 * prof)) / 10.0
+    assert 0.8 * ideal <= out[20.0] <= 1.05 * ideal
+    assert out[40.0] / out[20.0] == pytest.approx(2.0, rel=0.03)
+    texture = 1000.0 + ndi_blur(rng.standard_normal((h, w)), 3.0) * 10.0 * 8.0 + noise
+    texture[140:181, 140:181] += 20.0 * prof
+    assert _conspicuity(texture, fields, {"T1": (20.0 * prof, (140, 140))}, 0.4)["T1"] < 0.5 * out[20.0]
+
+
+def ndi_blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage
+
+    b = ndimage.gaussian_filter(a, sigma)
+    return b / b.std()
 
 
 def test_drr_analysis_matches_truth(drr_patient: dict[str, Any]) -> None:
@@ -122,6 +159,28 @@ def test_compare_drr_pair_grown_nodule(drr_patient: dict[str, Any], tmp_path: Pa
 def test_different_patients_refused(drr_patient: dict[str, Any], rg1: Any) -> None:
     with pytest.raises(StudyError):
         compare_radiographs(drr_patient["current"], rg1)
+
+
+def test_a_film_of_another_body_part_is_refused() -> None:
+    """pydicom-data's RG3 is a CR of a tibia: labelled EXTREMITY it is refused on its label; with the label
+    removed (a PNG, a wrong header) on its image: the dark 'fields' beside the leg run from the top edge to the
+    bottom edge, with no apex or diaphragm. Either way the answer says why and nothing is measured."""
+    import copy
+
+    from tools.errors import UnsupportedError
+
+    p = importlib.metadata.distribution("pydicom-data").locate_file("data_store/data/RG3_UNCR.dcm")
+    if not Path(str(p)).exists():
+        pytest.skip("pydicom-data's RG3_UNCR.dcm is not installed")
+    st = load_study(str(p))
+    assert st.primary.is_radiograph
+    with pytest.raises(UnsupportedError, match="extremity.*not the chest"):
+        run_radiograph_detector(st, DetectRequest())
+    s2 = copy.copy(st.primary)
+    s2.header = {k: v for k, v in st.primary.header.items() if k != "BodyPartExamined"}
+    s2.series_uid = st.primary.series_uid + ".1"
+    with pytest.raises(UnsupportedError, match="does not look like a frontal chest film"):
+        analyze_radiograph(s2)
 
 
 def test_real_film_rg1(rg1: Any, tmp_path: Path) -> None:
@@ -295,3 +354,119 @@ def test_heart_is_measured_when_a_field_stops_high_beside_the_mediastinum() -> N
     fields[(fields == 1) & (xx > 130) & (yy > 150)] = 0
     geo, notes = _heart_and_thorax(fields, mid, 1)
     assert "ctr" not in geo and any("right border" in n and "not reported" in n for n in notes), notes
+
+
+def test_film_report_with_comparison(drr_patient: dict[str, Any], tmp_path: Path) -> None:
+    """A chest film's report: sections adapted to a film (lung fields by zone, heart size, costophrenic
+    angles), the grown nodule's sentence rests on its finding and carries both sizes, no Lung-RADS category,
+    every number checked; Markdown and text written."""
+    from tools.report_writer import ReportRequest, check_numbers, write_report
+    from tools.schemas import ReportSentence
+
+    res = write_report(drr_patient["current"], drr_patient["prior"], ReportRequest(out_dir=tmp_path))
+    r = res.report
+    assert r.title == "Chest radiograph report" and r.lung_rads is None
+    assert set(r.sections) == {"examination", "comparison", "technique", "findings", "impression"}
+    assert "pixel spacing 0.394 mm" in r.sections["technique"] or "pixel spacing" in r.sections["technique"]
+    truth = drr_patient["truth"]
+    grew = [n["current"] for n in truth["nodules"] if n["fate"] == "grew" and n["current"]["diameter_mm"] >= 10]
+    m = _match_truth([f for f in res.findings if f.bbox_px], grew, truth["studies"]["current"]["pixel_spacing_mm"])
+    fid = next(iter(m.values()))
+    f = next(x for x in res.findings if x.id == fid)
+    said = [x for x in r.sentences if x.section == "findings" and fid in x.finding_ids]
+    assert len(said) == 1 and "increased from" in said[0].text and f.side in said[0].text
+    assert any(fid in x.finding_ids for x in r.sentences if x.section == "impression")
+    an = analyze_radiograph(drr_patient["current"].primary)
+    if an.ctr is not None:
+        assert f"Cardiothoracic ratio {an.ctr:.2f}" in r.sections["findings"]
+    assert Path(r.files["md"]).read_text().startswith("# Chest radiograph report")
+    check_numbers(r.sentences, res.findings, res.allowed_numbers)
+    # back to the PACS: a TID 1500 SR with each present opacity as a circle on the film, tracked by its id
+    import pydicom
+
+    sr = pydicom.dcmread(r.files["sr"])
+    scoords, ids = [], []
+
+    def walk(items: Any) -> None:
+        for it in items:
+            if it.get("ValueType") == "SCOORD":
+                scoords.append(it)
+            if it.get("ValueType") == "TEXT" and it.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier":
+                ids.append(it.TextValue)
+            if "ContentSequence" in it:
+                walk(it.ContentSequence)
+
+    walk(sr.ContentSequence)
+    present = [x.id for x in res.findings if x.bbox_px and not (x.change and x.change.status == "resolved")]
+    assert sorted(ids) == sorted(present) and len(scoords) == len(present)
+    assert all(c.GraphicType == "CIRCLE" for c in scoords)
+    assert sr.ContentSequence and sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
+    if shutil.which("dciodvfy"):
+        out = subprocess.run(["dciodvfy", r.files["sr"]], capture_output=True, text=True, timeout=60)
+        assert not [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")], out.stderr
+    # a negative statement about a film opacity is checked like a CT one
+    with pytest.raises(Exception, match="contradicts"):
+        check_numbers([ReportSentence(text=f"No rounded opacity in the {f.side} lung field.", section="findings")],
+                      res.findings, res.allowed_numbers)
+
+
+def test_film_report_in_pixels_on_the_real_film(rg1: Any) -> None:
+    from tools.report_writer import write_report
+
+    r = write_report(rg1, None).report
+    assert "no pixel spacing" in r.sections["technique"]
+    lesion_sentences = [x for x in r.sentences if x.section == "findings" and x.finding_ids]
+    assert lesion_sentences and all(" px" in x.text and " mm" not in x.text for x in lesion_sentences)
+    assert "Lung-RADS" not in " ".join(r.sections.values())
+
+
+def test_verifier_perturbs_the_film(drr_patient: dict[str, Any]) -> None:
+    """Each reported film opacity is re-measured on perturbed copies of the film (noise, shift, gamma, blur):
+    a real nodule is re-found nearly every time and rated above a 'finding' placed on plain lung, which the
+    perturbed films do not confirm."""
+    from tools.radiograph import measure_at_px
+    from tools.verifier import N_FILM, film_units
+
+    s = drr_patient["current"].primary
+    an = analyze_radiograph(s)
+    real = max(an.opacities, key=lambda o: o.confidence or 0.0).model_dump(mode="json")
+    f = an.factor
+    fake = None
+    box = an.boxes["right upper zone"]
+    d_px = real["bbox_px"][2] - real["bbox_px"][0]
+    for fy in np.linspace(0.3, 0.7, 5):
+        for fx in np.linspace(0.3, 0.7, 5):
+            col, row = box[0] + fx * (box[2] - box[0]), box[1] + fy * (box[3] - box[1])
+            r_w, c_w = int(row / f), int(col / f)
+            if an.fields[r_w, c_w] and measure_at_px(s, col, row, an, search_mm=6.0) is None:
+                fake = {"id": "X1", "bbox_px": [col - d_px / 2, row - d_px / 2, col + d_px / 2, row + d_px / 2],
+                        "diameter_mm": real["diameter_mm"], "units": "mm", "confidence": None}
+                break
+        if fake:
+            break
+    assert fake is not None, "no plain lung spot in the right upper zone"
+    units = {u.key: u for u in film_units(s, an, [real, fake])}
+    ur, uf = units[real["id"]], units["X1"]
+    assert ur.info["remeasure"]["n"] == N_FILM and ur.info["film"]
+    assert ur.features["refound"] >= 0.75 and uf.features["refound"] <= 0.25
+    assert ur.p is not None and uf.p is not None and ur.p > uf.p + 0.2
+    # what a reader is told to check: the plain-lung spot was not re-found; the nodule was, every time
+    from tools.verifier import caveat_for
+
+    assert "re-found in only" in caveat_for(uf)
+    assert "re-found in only" not in caveat_for(ur)
+
+
+def test_film_report_from_a_png(drr_patient: dict[str, Any], tmp_path: Path) -> None:
+    """A film given as a PNG gets the same report in pixels; no DICOM SR (nothing to reference), and the note
+    says why."""
+    from PIL import Image
+
+    from tools.report_writer import ReportRequest, write_report
+
+    a = drr_patient["current"].primary.pixels[0]
+    Image.fromarray(((a - a.min()) / (a.max() - a.min()) * 255).astype(np.uint8)).save(tmp_path / "film.png")
+    res = write_report(load_study(str(tmp_path / "film.png")), None, ReportRequest(out_dir=tmp_path / "out"))
+    assert set(res.report.files) == {"md", "txt"}
+    assert any("PNG/JPEG" in n and "SR" in n for n in res.notes), res.notes
+    assert "sizes are in pixels" in res.report.sections["technique"]

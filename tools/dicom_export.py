@@ -1,5 +1,7 @@
 """DICOM export of a report's nodules: a Segmentation (SEG, BINARY) of their masks and a Comprehensive
-3D SR (TID 1500 measurement report) of their measurements, both referencing the source CT images.
+3D SR (TID 1500 measurement report) of their measurements, both referencing the source CT images; for a
+chest film, a Comprehensive SR (TID 1500) whose opacities are circles (2-D SCOORD) on the film
+(:func:`export_film_sr`).
 
 - **Masks**: each nodule is segmented here, independently of the detector's internal mask, by the
   detector's own definition of size: half-maximum between the local parenchyma HU and the nodule's
@@ -21,6 +23,7 @@ import importlib.metadata
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -255,16 +258,44 @@ def build_seg(series: Series, sources: list[Dataset], findings: list[Finding], m
 # ---------------------------------------------------------------------------------------------- SR
 
 
+def _size_measurements(f: Finding) -> list[Any]:
+    """The finding's long axis, short axis and mean diameter (mm) as TID 1500 measurements."""
+    from highdicom.sr import Measurement
+    from pydicom.sr.codedict import codes
+
+    mm = codes.UCUM.Millimeter
+    out = []
+    if f.long_axis_mm is not None:
+        out.append(Measurement(name=codes.SCT.LongAxis, value=float(f.long_axis_mm), unit=mm))
+    if f.short_axis_mm is not None:
+        out.append(Measurement(name=codes.SCT.ShortAxis, value=float(f.short_axis_mm), unit=mm))
+    if f.diameter_mm is not None:
+        out.append(Measurement(name=codes.SCT.Diameter, value=float(f.diameter_mm), unit=mm, derivation=codes.SCT.Mean))
+    return out
+
+
+def _algorithm_and_observer(name: str) -> tuple[Any, Any]:
+    """The SR's algorithm identification and its observer context (this software, as a device)."""
+    from highdicom.sr import AlgorithmIdentification, DeviceObserverIdentifyingAttributes, ObserverContext
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    algo = AlgorithmIdentification(name=name, version=software_version())
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=["radassist", software_version()]), name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER, model_name=MODEL_NAME))
+    return algo, observer
+
+
 def build_sr(series: Series, sources: list[Dataset], findings: list[Finding], seg: SegResult,
              title: str = "radassist chest CT nodule measurements") -> Dataset:
     from highdicom.sr import (
-        AlgorithmIdentification,
         Comprehensive3DSR,
-        DeviceObserverIdentifyingAttributes,
         Measurement,
         MeasurementReport,
         ObservationContext,
-        ObserverContext,
         ReferencedSegment,
         SourceImageForSegmentation,
         TrackingIdentifier,
@@ -274,12 +305,7 @@ def build_sr(series: Series, sources: list[Dataset], findings: list[Finding], se
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    algo = AlgorithmIdentification(name="radassist detector", version=software_version())
-    observer = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(entropy_srcs=["radassist", software_version()]), name=MANUFACTURER,
-            manufacturer_name=MANUFACTURER, model_name=MODEL_NAME))
+    algo, observer = _algorithm_and_observer("radassist detector")
     multi = len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) > 1
     groups = []
     for f in findings:
@@ -295,17 +321,9 @@ def build_sr(series: Series, sources: list[Dataset], findings: list[Finding], se
                                     sop_instance_uid=seg.dataset.SOPInstanceUID,
                                     segment_number=seg.segment_of[f.id], source_images=refs)
         site = _site(f)
-        meas = []
-        mm, mm3 = codes.UCUM.Millimeter, codes.UCUM.CubicMillimeter
-        if f.long_axis_mm is not None:
-            meas.append(Measurement(name=codes.SCT.LongAxis, value=float(f.long_axis_mm), unit=mm))
-        if f.short_axis_mm is not None:
-            meas.append(Measurement(name=codes.SCT.ShortAxis, value=float(f.short_axis_mm), unit=mm))
-        if f.diameter_mm is not None:
-            meas.append(Measurement(name=codes.SCT.Diameter, value=float(f.diameter_mm), unit=mm,
-                                    derivation=codes.SCT.Mean))
+        meas = _size_measurements(f)
         if f.volume_mm3 is not None:
-            meas.append(Measurement(name=codes.SCT.Volume, value=float(f.volume_mm3), unit=mm3))
+            meas.append(Measurement(name=codes.SCT.Volume, value=float(f.volume_mm3), unit=codes.UCUM.CubicMillimeter))
         groups.append(VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=seg.tracking_uid[f.id], identifier=f.id),
             referenced_segment=ref_seg, finding_type=_type_code(f), finding_sites=[site], algorithm_id=algo,
@@ -372,3 +390,80 @@ def export_dicom(study: Study, findings: list[Finding], out_dir: Path, formats: 
         notes.append("The SEG was written as well: the SR's measurements reference its segments.")
     log.info("DICOM export: %d nodule(s), %s", len(masks), ", ".join(sorted(paths)))
     return ExportResult(paths, masks, list(seg.segment_of), notes)
+
+
+# ---------------------------------------------------------------------------------------------- chest films
+
+CHEST_FILM_PROCEDURE = ("399208008", "SCT", "Plain chest X-ray")
+_TYPE2_FROM_SOURCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+                      "ReferringPhysicianName", "StudyDate", "StudyTime")
+
+
+def build_film_sr(source: Dataset, findings: list[Finding], title: str = "radassist chest film opacities"
+                  ) -> Dataset:
+    """A TID 1500 measurement report of a chest film's opacities: per opacity a planar ROI group whose region
+    is the fitted circle on the film (SCOORD CIRCLE, image coordinates: the top-left corner of the top-left
+    pixel is 0,0), with finding type, site (zone and side) and, when the pixel spacing is known, the long
+    and short axes and mean diameter in mm (a film measured in pixels carries the circle only)."""
+    from highdicom.sr import (
+        ComprehensiveSR,
+        GraphicTypeValues,
+        ImageRegion,
+        MeasurementReport,
+        ObservationContext,
+        PlanarROIMeasurementsAndQualitativeEvaluations,
+        SourceImageForRegion,
+        TrackingIdentifier,
+    )
+    from highdicom.sr.coding import CodedConcept
+    from pydicom.uid import generate_uid
+
+    algo, observer = _algorithm_and_observer("radassist film detector")
+    ref = SourceImageForRegion(referenced_sop_class_uid=source.SOPClassUID,
+                               referenced_sop_instance_uid=source.SOPInstanceUID)
+    groups = []
+    for f in findings:
+        if f.bbox_px is None:
+            continue
+        x0, y0, x1, y1 = (float(v) for v in f.bbox_px)
+        cx, cy = 0.5 * (x0 + x1) + 0.5, 0.5 * (y0 + y1) + 0.5  # pixel i spans [i, i + 1)
+        r = 0.25 * ((x1 - x0 + 1.0) + (y1 - y0 + 1.0))
+        region = ImageRegion(graphic_type=GraphicTypeValues.CIRCLE,
+                             graphic_data=np.array([[cx, cy], [cx + r, cy]], dtype=float), source_image=ref)
+        meas = _size_measurements(f) if f.units == "mm" else []
+        groups.append(PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=generate_uid(), identifier=f.id), referenced_region=region,
+            finding_type=_type_code(f), finding_sites=[_site(f)], algorithm_id=algo, measurements=meas or None))
+    if not groups:
+        raise ToolError("No opacity with a position on the film to put in the SR.")
+    report = MeasurementReport(observation_context=ObservationContext(observer_device_context=observer),
+                               procedure_reported=CodedConcept(*CHEST_FILM_PROCEDURE), imaging_measurements=groups)
+    return ComprehensiveSR(
+        evidence=[source], content=report, series_instance_uid=generate_uid(), series_number=902,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+        is_final=False, is_verified=False, series_description=title[:64])
+
+
+def export_film_sr(study: Study, findings: list[Finding], out_dir: Path, stem: str = "report") -> ExportResult:
+    """Write ``<stem>.sr.dcm`` for the opacities of a chest film (no SEG: a circle on the film is the region)."""
+    series = study.primary
+    lesions = [f for f in findings if f.bbox_px is not None and not (f.change and f.change.status == "resolved")
+               and f.series_uid in (None, series.series_uid)]
+    notes: list[str] = []
+    if not lesions:
+        return ExportResult({}, {}, [], ["No opacity on the film: no DICOM SR written."])
+    if Path(str(study.source or "")).suffix.lower() in (".png", ".jpg", ".jpeg"):
+        raise ToolError("the film was loaded from an image file (PNG/JPEG), not DICOM, and a DICOM SR must reference "
+                        "the DICOM image it measures; load the film as DICOM to send the report to the PACS.")
+    source = read_source_datasets(study, series)[0]
+    for kw in _TYPE2_FROM_SOURCE:  # a film missing a type-2 attribute the SR copies: present, empty
+        if kw not in source:
+            setattr(source, kw, "")
+    sr = build_film_sr(source, lesions)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p = out_dir / f"{stem}.sr.dcm"
+    sr.save_as(p, enforce_file_format=True)
+    if any(f.units == "px" for f in lesions):
+        notes.append("The film has no pixel spacing: the SR carries each opacity's circle on the film, no sizes in mm.")
+    log.info("DICOM film SR: %d opacities", len(lesions))
+    return ExportResult({"sr": p}, {}, [f.id for f in lesions], notes)

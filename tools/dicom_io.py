@@ -98,6 +98,7 @@ HEADER_FIELDS = (
     "ContrastBolusAgent",
     "SeriesDescription",
     "BodyPartExamined",
+    "ViewPosition",
     "StudyDescription",
     "PixelSpacing",
     "Rows",

@@ -33,7 +33,11 @@ Truth (:func:`write_drr_patient` writes ``truth.json``), in each film's own pixe
   width (the largest distance, on one row, between the lateral borders of the two lung fields);
 - *costophrenic angles*: the infero-lateral corner of each field (maximal ``row -/+ column``);
 - *nodules*: projected centre, diameter (px and mm), side, zone (of the 2-D field), fate, whether
-  the centre lies in the lung field (visible) and its projected contrast ``delta P``.
+  the centre lies in the lung field (visible), its projected contrast ``delta P`` and its
+  *conspicuity*: the d' of a matched-filter model observer told where the nodule is and what it looks
+  like on this film, against the film's own texture around it (:func:`_conspicuity`). Ground-glass
+  nodules and nodules on busy texture (ribs, hila, the chest wall) score low: they do not stand out of
+  the lung's texture on a film even when one knows where to look.
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ FIELD_LUNG_MM = 3.0  # a ray must cross this much lung to be in the lung field
 OBSCURE_MM = 12.0  # ... and less than this of heart / mediastinum / spine / abdomen
 PERICARDIUM_MM = 6.0  # mediastinal fat within this distance of the heart belongs to its silhouette
 MAX_STORED = 4095
+CONSPICUITY_MM = 40.0  # the model observer's background: the lung field within this distance of the nodule
 WHICH: tuple[str, ...] = ("prior", "current")
 DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
@@ -225,10 +230,12 @@ def project_study(seed: int, which: str, spacing_mm: float | None = None, size: 
     trans = np.exp(-Pf.astype(np.float64)) * n0
     trans += rng.standard_normal(trans.shape) * np.sqrt(np.maximum(trans, 1.0))
     Pn = -np.log(np.maximum(trans, 0.5) / n0)
-    Pn = ndimage.gaussian_filter(Pn, float(rng.uniform(0.6, 1.0)))
+    blur = float(rng.uniform(0.6, 1.0))
+    Pn = ndimage.gaussian_filter(Pn, blur)
     gamma = float(rng.uniform(0.3, 0.45))
     img = (MAX_STORED * (1.0 - np.exp(-gamma * Pn))).astype(np.float32)
     np.clip(np.rint(img), 0, MAX_STORED, out=img)
+    gain = MAX_STORED * gamma * np.exp(-gamma * Pn)  # d(stored value) / dP: the film's local contrast gain
 
     lr, ll, ob = rs(lung_r), rs(lung_l), rs(obsc)
     fields = np.zeros((nrow, ncol), dtype=np.uint8)
@@ -248,7 +255,9 @@ def project_study(seed: int, which: str, spacing_mm: float | None = None, size: 
     trachea = _largest(rs(trach) > 2.0)
 
     proj = _projected_nodules(ps, LABELS["nodule"], di, dk)
-    truth = _film_truth(ps.truth, fields, heart, medi2, trachea, s, float(x_lo), float(z_hi), proj)
+    signals = _nodule_signals(ps, LABELS["nodule"], dj, rs, blur, gain)
+    truth = _film_truth(ps.truth, fields, heart, medi2, trachea, s, float(x_lo), float(z_hi), proj,
+                        _conspicuity(img, fields, signals, s))
     truth["photons_per_pixel"] = round(n0, 1)
     truth["gamma"] = round(gamma, 4)
     log.debug("DRR seed %d %s: %dx%d px at %.3f mm in %.1fs", seed, which, nrow, ncol, s, time.perf_counter() - t0)
@@ -278,8 +287,99 @@ def _projected_nodules(ps: Any, code: int, di: float, dk: float) -> dict[str, di
     return out
 
 
+def _nodule_signals(ps: Any, code: int, dj: float, rs: Any, blur: float, gain: np.ndarray
+                    ) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+    """Each nodule's own image on the film: its excess line integral over the lung it displaces
+    (``MU_WATER * (HU + 850) / 1000`` per mm of nodule along the ray), resampled to the film, blurred as
+    the film was and scaled by the film's local contrast gain. Returns ``id -> (patch, (row0, col0))``,
+    the patch cropped to where the signal is non-zero."""
+    out: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
+    nk, _, ni = ps.labels.shape
+    for n in ps.truth.get("nodules", []):
+        b = n.get("bbox_vox")
+        if not b:
+            continue
+        i0, j0, k0, i1, j1, k1 = (int(v) for v in b)
+        ks, js, is_ = slice(max(0, k0 - 1), k1 + 2), slice(max(0, j0 - 1), j1 + 2), slice(max(0, i0 - 1), i1 + 2)
+        sub = ps.labels[ks, js, is_] == code
+        if not sub.any():
+            continue
+        dp = np.zeros((nk, ni), dtype=np.float32)
+        exc = np.where(sub, np.clip(ps.hu[ks, js, is_] + 850.0, 0.0, None), 0.0)
+        dp[ks, is_] = exc.sum(axis=1) * (MU_WATER / 1000.0 * dj)
+        sig = ndimage.gaussian_filter(rs(dp), blur) * gain
+        rows, cols = np.nonzero(sig > 1e-3 * float(sig.max()))
+        if rows.size == 0:
+            continue
+        r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+        out[n["id"]] = (sig[r0:r1, c0:c1].astype(np.float64), (r0, c0))
+    return out
+
+
+def _conspicuity(img: np.ndarray, fields: np.ndarray, signals: dict[str, tuple[np.ndarray, tuple[int, int]]],
+                 s: float) -> dict[str, float]:
+    """Each nodule's detectability on its film by a matched-filter model observer (the signal known exactly:
+    its position and its own projected image) that ignores a locally planar background: the template is
+    the nodule's signal minus its least-squares plane over a disk of twice the signal's radius, correlated
+    with the film around the nodule; d' = (template . signal) / SD of that response over the lung field
+    within ``CONSPICUITY_MM`` of the nodule (other nodules' surroundings left out). The background is the
+    film itself: ribs, vessels, their crossings and quantum noise, as a reader sees them."""
+    from scipy.signal import fftconvolve
+
+    out: dict[str, float] = {}
+    h, w = img.shape
+    lung = fields > 0
+    cent: dict[str, tuple[float, float, float]] = {}
+    for k, (sig, (r0, c0)) in signals.items():
+        tot = float(sig.sum())
+        if tot <= 0:
+            continue
+        yy, xx = np.mgrid[0:sig.shape[0], 0:sig.shape[1]]
+        cy, cx = float((sig * yy).sum() / tot), float((sig * xx).sum() / tot)
+        rad = max(2.0, float(np.sqrt((sig > 0.5 * float(sig.max())).sum() / np.pi)) * 1.3)
+        cent[k] = (r0 + cy, c0 + cx, rad)
+    reach = int(round(CONSPICUITY_MM / s))
+    for nid, (sig, (r0, c0)) in signals.items():
+        if nid not in cent:
+            continue
+        cr, cc, rad = cent[nid]
+        n = int(np.ceil(2.0 * rad)) + 1
+        yy, xx = np.mgrid[-n:n + 1, -n:n + 1].astype(np.float64)
+        win = yy * yy + xx * xx <= (2.0 * rad) ** 2
+        full = np.zeros(yy.shape)
+        ir, ic = int(round(cr)), int(round(cc))
+        for (a, b), v in np.ndenumerate(sig):
+            ra, cb = r0 + a - ir + n, c0 + b - ic + n
+            if 0 <= ra < full.shape[0] and 0 <= cb < full.shape[1]:
+                full[ra, cb] = v
+        x = np.stack([np.ones(int(win.sum())), yy[win], xx[win]], axis=1)
+        coef, *_ = np.linalg.lstsq(x, full[win], rcond=None)
+        tpl = np.where(win, full - (coef[0] + coef[1] * yy + coef[2] * xx), 0.0)
+        energy = float((tpl * full).sum())
+        a0, a1 = max(0, ir - reach - n), min(h, ir + reach + n + 1)
+        b0, b1 = max(0, ic - reach - n), min(w, ic + reach + n + 1)
+        roi = img[a0:a1, b0:b1].astype(np.float64)
+        if roi.shape[0] <= 2 * n + 1 or roi.shape[1] <= 2 * n + 1:
+            continue
+        resp = fftconvolve(roi, tpl[::-1, ::-1], mode="same")
+        gy, gx = np.mgrid[a0:a1, b0:b1]
+        keep = lung[a0:a1, b0:b1] & ((gy - cr) ** 2 + (gx - cc) ** 2 <= reach * reach)
+        for r2, c2, rad2 in cent.values():
+            keep &= (gy - r2) ** 2 + (gx - c2) ** 2 > (rad2 + 2.0 * rad) ** 2
+        keep[:n] = keep[keep.shape[0] - n:] = False
+        keep[:, :n] = keep[:, keep.shape[1] - n:] = False
+        if int(keep.sum()) < 50:
+            continue
+        rv = resp[keep]
+        sd = 1.4826 * float(np.median(np.abs(rv - np.median(rv))))  # robust: rib and field edges are outliers
+        if sd > 0:
+            out[nid] = energy / sd
+    return out
+
+
 def _film_truth(ct: dict[str, Any], fields: np.ndarray, heart: np.ndarray, medi: np.ndarray, trachea: np.ndarray,
-                s: float, x0: float, z0: float, proj: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+                s: float, x0: float, z0: float, proj: dict[str, dict[str, float]] | None = None,
+                conspicuity: dict[str, float] | None = None) -> dict[str, Any]:
     anatomy: dict[str, Any] = {}
     field_boxes: dict[str, list[int] | None] = {}
     for code, side in ((1, "right"), (2, "left")):
@@ -326,6 +426,7 @@ def _film_truth(ct: dict[str, Any], fields: np.ndarray, heart: np.ndarray, medi:
             "long_axis_mm": n["long_axis_mm"], "short_axis_mm": n["short_axis_mm"],
             "in_field": fcode > 0, "juxtapleural": n["juxtapleural"], "contrast": round(contrast, 4),
             "projected_diameter_mm": round((proj or {}).get(n["id"], {}).get("mean", float(n["diameter_mm"])), 2),
+            "conspicuity": round(float((conspicuity or {})[n["id"]]), 2) if n["id"] in (conspicuity or {}) else None,
             "ct_center_mm": c,
         })
     return {"pixel_spacing_mm": s, "shape": list(fields.shape), "x0_mm": round(x0, 3), "z0_mm": round(z0, 3),
@@ -380,6 +481,7 @@ def write_dx(path: Path, drr: Drr, seed: int, patient: dict[str, Any], date: dt.
     ds.PatientName = patient["patient_name"]
     ds.PatientID = patient["patient_id"]
     ds.PatientSex = patient.get("sex", "")
+    ds.PatientBirthDate = ""
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
     ds.PatientOrientation = ["L", "F"]

@@ -121,6 +121,11 @@ FIT_BLUR_PX = 0.7  # the projected-sphere fits work on the working image lightly
 # a second look at a known position (the prior's opacity, a pointed pixel): a lower bar, one that would pass
 # about 3.2 spots per film on the fitting films (as 0.07 did for the scorer fitted on seeds 20-29 alone)
 REMEASURE_MIN_CONF = 0.1
+# conspicuity of a truth nodule on its film (tools.drr._conspicuity: a matched-filter model observer told where
+# the nodule is and what it looks like, against the film's own texture around it). The bench reports the
+# sensitivity for nodules below and above d' = 2 apart (d' = 2: 92 % correct when that observer is shown the
+# nodule's place and a place of lung without it; a search over a whole film needs more)
+CONSPICUOUS_DPRIME = 2.0
 HYST_LOW = 0.4  # hysteresis: weak threshold as a fraction of the Otsu threshold of the top-hat
 
 SIDES = ("right", "left")
@@ -938,15 +943,61 @@ def heart_side_bias(work: np.ndarray, fields: np.ndarray, mid: int) -> float | N
     return float(right_img.mean() - left_img.mean())
 
 
+# BodyPartExamined words of a chest film, and words that name another part (a film labelled so is not read)
+_CHEST_WORDS = ("CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS", "TORAX", "CXR", "PECHO", "BRUST", "THORAKS")
+_OTHER_PARTS = ("EXTREMITY", "SKULL", "HEAD", "BRAIN", "NECK", "SPINE", "CSPINE", "TSPINE", "LSPINE", "SSPINE",
+                "ABDOMEN", "PELVIS", "HIP", "SHOULDER", "CLAVICLE", "SCAPULA", "ARM", "HUMERUS", "ELBOW", "FOREARM",
+                "WRIST", "HAND", "FINGER", "THUMB", "LEG", "FEMUR", "KNEE", "PATELLA", "TIBIA", "FIBULA", "ANKLE",
+                "FOOT", "HEEL", "TOE", "BREAST", "JAW", "MANDIBLE", "SINUS", "ORBIT", "FACE", "NOSE", "TMJ",
+                "SACRUM", "COCCYX", "DENTAL", "TOOTH")
+
+
+def check_chest_label(series: Series) -> None:
+    """Refuse a film whose header names a body part other than the chest (BodyPartExamined): the lung
+    fields, heart and opacities would be read into a knee or a hand. An empty or unfamiliar label passes
+    (PNG films have none); the image itself is checked by :func:`_check_chest_fields`."""
+    import re
+
+    part = str((series.header or {}).get("BodyPartExamined", "") or "").strip()
+    words = [w for w in re.split(r"[^A-Z]+", part.upper()) if w]
+    if not words or any(w in _CHEST_WORDS for w in words):
+        return
+    if any(w in _OTHER_PARTS for w in words):
+        raise UnsupportedError(
+            f"This film is labelled as an image of the {part.lower()} (DICOM BodyPartExamined), not the chest. The "
+            "radiograph tools read frontal chest films only (lung fields, heart, opacities), so nothing was measured. "
+            "If the label is wrong, correct it at the modality or in the PACS and load the film again.")
+
+
+def _check_chest_fields(fields: np.ndarray) -> None:
+    """Refuse an image with no plausible lung fields: none found, or a 'field' running from the film's top
+    edge to its bottom edge (a lung has an apex and a diaphragm below it, inside any chest film; the dark
+    background beside a limb does not)."""
+    if not (fields > 0).any():
+        raise UnsupportedError(
+            "No lung fields were found on this image, so it does not look like a frontal chest film (PA or AP). "
+            "The radiograph tools read frontal chest films only; nothing was measured.")
+    h = fields.shape[0]
+    for code, side in ((1, "right"), (2, "left")):
+        rows = np.flatnonzero((fields == code).any(axis=1))
+        if rows.size and rows[0] == 0 and rows[-1] == h - 1:
+            raise UnsupportedError(
+                f"The dark region taken for the {side} lung field runs from the top edge of the image to its bottom "
+                "edge, with no lung apex or diaphragm: this does not look like a frontal chest film. The radiograph "
+                "tools read frontal chest films only; nothing was measured.")
+
+
 def _analyze(series: Series) -> RadiographAnalysis:
     t0 = time.perf_counter()
     notes: list[str] = []
+    check_chest_label(series)
     work, f = _work_image(series)
     full_shape = (int(series.pixels.shape[1]), int(series.pixels.shape[2]))
     spacing = (float(series.spacing[0]), float(series.spacing[1])) if series.spacing_known else None
     if spacing is None:
         notes.append("pixel spacing unknown: sizes and distances are in pixels")
     fields, mid, _ = _segment_fields(work, notes)
+    _check_chest_fields(fields)
     boxes: dict[str, list[int]] = {}
     for code, side in ((1, "right"), (2, "left")):
         b = _bbox(fields == code)
@@ -1084,24 +1135,31 @@ def _opacity_finding(series: Series, c: dict[str, Any], n: int, f: int, spacing:
 
 def analyze_radiograph(series: Series) -> RadiographAnalysis:
     """Lung fields, zones, heart, mediastinum, CTR, diaphragm, costophrenic angles and rounded opacities of
-    a chest film; cached per series uid."""
+    a chest film; cached per series uid. Raises :class:`UnsupportedError` for a film of another body part
+    (:func:`check_chest_label`, :func:`_check_chest_fields`)."""
     if not series.is_radiograph:
         raise UnsupportedError("This is not a radiograph (a single 2-D image); use the CT detector for volumes.")
     return CACHE.get_or_compute(f"radiograph:{series.cache_key}", lambda: _analyze(series))
 
 
 def measure_at_px(series: Series, col: float, row: float, analysis: RadiographAnalysis | None = None,
-                  search_mm: float = 10.0) -> Finding | None:
+                  search_mm: float = 10.0, keep_confidence: bool = False,
+                  diameter_mm: float | None = None) -> Finding | None:
     """Re-measure the rounded opacity nearest the full-film pixel (col, row), within ``search_mm``: the same
     projected-sphere fits as the detection on a crop around the point, the best by ``t``; None when its
     opacity score is below ``REMEASURE_MIN_CONF`` (a second look at a known position: a lower bar than
-    a detection)."""
+    a detection). ``keep_confidence``: the finding keeps that score as its confidence (the verifier's
+    re-measurements); by default a re-measurement carries none. ``diameter_mm``: the size already measured
+    there (the film's units): only radii within ``SIZE_RANGE`` of it are fitted."""
     an = analysis or analyze_radiograph(series)
     f = an.factor
     r_w, c_w = (row - (f - 1) / 2.0) / f, (col - (f - 1) / 2.0) / f
     ppm = an.px_per_mm_est
     lung = an.fields > 0
     radii = _fit_radii(ppm)
+    if diameter_mm:
+        r_known = 0.5 * float(diameter_mm) * (ppm if an.spacing_mm is not None else 1.0 / f)
+        radii = [r for r in radii if SIZE_RANGE[0] * r_known <= r <= SIZE_RANGE[1] * r_known] or radii
     search = max(2.0, search_mm * ppm)
     pad = int(math.ceil(search + FIT_WINDOW * radii[-1])) + 2
     h, w = lung.shape
@@ -1136,8 +1194,45 @@ def measure_at_px(series: Series, col: float, row: float, analysis: RadiographAn
     cand["diam_mm_est"] = cand["seg"]["diam"] / ppm
     mid_w = int(round((an.midline_col - (f - 1) / 2.0) / f))
     fnd = _opacity_finding(series, cand, 1, f, an.spacing_mm, an.fields, an.boxes, mid_w, fid="M1")
-    fnd.confidence = None
+    fnd.confidence = round(conf, 3) if keep_confidence else None
     return fnd
+
+
+FILM_PERTURBATIONS = ("noise", "shift", "gamma", "blur")
+
+
+def perturb_film(an: RadiographAnalysis, kind: str, rng: np.random.Generator
+                 ) -> tuple[RadiographAnalysis, Any]:
+    """A perturbed copy of a film's analysis, for a second look at its findings (the verifier): the working
+    image changed as a repeat exposure or other processing might change it: quantum-like noise (half the
+    film's own texture level), a shift of up to 2 working pixels (the fields move with it), a gamma of
+    0.85-1.15 (exposure, processing curve) or a blur of 0.6 working pixel (another detector). Returns the copy
+    and the map of a full-film point (col, row) onto the perturbed film."""
+    import dataclasses
+
+    work, fields = an.work, an.fields
+
+    def same(col: float, row: float) -> tuple[float, float]:
+        return col, row
+
+    mapping: Any = same
+    if kind == "noise":
+        work = np.clip(work + rng.normal(0.0, 0.5 * an.residual_rms, work.shape), 0.0, 1.0).astype(np.float32)
+    elif kind == "gamma":
+        work = (np.clip(work, 0.0, 1.0) ** float(rng.uniform(0.85, 1.15))).astype(np.float32)
+    elif kind == "blur":
+        work = ndi.gaussian_filter(work, 0.6).astype(np.float32)
+    elif kind == "shift":
+        dy, dx = (float(v) for v in rng.uniform(-2.0, 2.0, 2))
+        work = ndi.shift(work, (dy, dx), order=1, mode="nearest").astype(np.float32)
+        fields = ndi.shift(fields, (round(dy), round(dx)), order=0, mode="constant", cval=0)
+        fy, fx = dy * an.factor, dx * an.factor
+
+        def mapping(col: float, row: float) -> tuple[float, float]:
+            return col + fx, row + fy
+    else:
+        raise ValueError(f"unknown film perturbation {kind!r}")
+    return dataclasses.replace(an, work=work, fields=fields, series_uid=f"{an.series_uid}~{kind}"), mapping
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1916,6 +2011,7 @@ def evaluate_radiographs(seeds: list[int] | tuple[int, ...], workdir: str | Path
     n_films = 0
     fp = 0
     tp_in = n_in = tp_all = n_all = 0
+    by_dp: dict[str, list[int]] = {"low": [0, 0], "high": [0, 0]}  # in-field, by conspicuity (found, n)
     d_err: list[float] = []
     ch_ok = ch_n = 0
     ch_false = 0  # the comparison's current-film findings that match no truth nodule
@@ -1955,6 +2051,10 @@ def evaluate_radiographs(seeds: list[int] | tuple[int, ...], workdir: str | Path
                     if t["in_field"]:
                         n_in += 1
                         tp_in += hit
+                        if t.get("conspicuity") is not None:
+                            b = by_dp["high" if t["conspicuity"] >= CONSPICUOUS_DPRIME else "low"]
+                            b[0] += hit
+                            b[1] += 1
                     if hit:
                         f = next(x for x in an.opacities if x.id == m[t["id"]])
                         if f.units == "mm" and f.diameter_mm is not None:
@@ -2001,6 +2101,10 @@ def evaluate_radiographs(seeds: list[int] | tuple[int, ...], workdir: str | Path
         f"sensitivity_ge{min_mm:g}mm_in_field": round(tp_in / n_in, 3) if n_in else None,
         f"sensitivity_ge{min_mm:g}mm_all": round(tp_all / n_all, 3) if n_all else None,
         "opacities_ge_min_in_field": n_in, "opacities_ge_min_all": n_all,
+        f"sensitivity_ge{min_mm:g}mm_in_field_by_conspicuity": {
+            k: {"found": v[0], "n": v[1], "sensitivity": round(v[0] / v[1], 3) if v[1] else None}
+            for k, v in ((f"dprime_lt_{CONSPICUOUS_DPRIME:g}", by_dp["low"]),
+                         (f"dprime_ge_{CONSPICUOUS_DPRIME:g}", by_dp["high"]))},
         "fp_per_film": round(fp / max(n_films, 1), 3),
         "diameter_abs_error_mm": round(float(np.mean(d_err)), 2) if d_err else None,
         "change_status_accuracy": round(ch_ok / ch_n, 3) if ch_n else None, "change_pairs": ch_n,

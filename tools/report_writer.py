@@ -609,6 +609,18 @@ def _sections(sentences: list[ReportSentence]) -> dict[str, str]:
     return sections
 
 
+def _present_and_resolved(found: list[Finding], current: Study, series: Series
+                          ) -> tuple[list[Finding], list[Finding]]:
+    """Copies of the findings a report rests on, split into present and resolved, stamped with the current
+    study and series."""
+    lesions = [f.model_copy(deep=True) for f in found if not (f.change and f.change.status == "resolved")]
+    resolved = [f.model_copy(deep=True) for f in found if f.change and f.change.status == "resolved"]
+    for f in lesions + resolved:
+        f.study_uid = f.study_uid or current.study_uid
+        f.series_uid = f.series_uid or series.series_uid
+    return lesions, resolved
+
+
 def write_report(current: Study, prior: Study | None, req: ReportRequest | None = None) -> ReportResult:
     """Draft, check and (with ``req.out_dir``) write the structured report of ``current`` (vs ``prior``).
 
@@ -618,9 +630,14 @@ def write_report(current: Study, prior: Study | None, req: ReportRequest | None 
     t0 = time.perf_counter()
     req = req or ReportRequest()
     series = current.primary
+    if series.is_radiograph:
+        return _write_film_report(current, prior, req)
     if not series.is_volume:
-        raise UnsupportedError("Structured reports are implemented for chest CT; radiograph reports are not "
-                               "supported for this modality yet.")
+        raise UnsupportedError("Structured reports are written for chest CT and chest films; this study is "
+                               f"neither ({series.modality or 'unknown modality'}).")
+    if prior is not None and prior.primary.is_radiograph:
+        raise UnsupportedError("The prior is a chest film and the current study a CT: a CT report is compared "
+                               "with a prior CT only. Load a prior CT, or ask for the report without comparison.")
     bank = load_phrasebank(req.phrasebank)
     analysis = analyze_series(series)
     notes: list[str] = []
@@ -629,16 +646,11 @@ def write_report(current: Study, prior: Study | None, req: ReportRequest | None 
         from tools.comparer import CompareRequest, compare_studies
 
         cmp = compare_studies(current, prior, CompareRequest())
-        lesions = [f.model_copy(deep=True) for f in cmp.findings if not (f.change and f.change.status == "resolved")]
-        resolved = [f.model_copy(deep=True) for f in cmp.findings if f.change and f.change.status == "resolved"]
+        lesions, resolved = _present_and_resolved(cmp.findings, current, series)
         comparison = cmp.comparison
         notes += list(cmp.notes)
     else:
-        lesions = [f.model_copy(deep=True) for f in analysis.nodules]
-        resolved = []
-    for f in lesions + resolved:
-        f.study_uid = f.study_uid or current.study_uid
-        f.series_uid = f.series_uid or series.series_uid
+        lesions, resolved = _present_and_resolved(analysis.nodules, current, series)
     regions = set(getattr(analysis.anatomy, "regions", {}) or {})
     sentences, extra, overall = _draft(current, prior, series, lesions, resolved, regions, comparison, bank)
     check_numbers(sentences, lesions + resolved, extra_numbers=extra)
@@ -684,6 +696,229 @@ def write_report(current: Study, prior: Study | None, req: ReportRequest | None 
     return ReportResult(report, lesions + resolved, evidence, summary, notes, extra)
 
 
+# ================================================================================================ chest films
+
+FILM_CTR_UPPER = 0.5  # a cardiothoracic ratio above this on a PA film: an enlarged cardiac silhouette
+FILM_CT_ADVICE = ("A rounded opacity seen on a chest film is usually characterised with chest CT; the reading "
+                  "radiologist decides.")
+FILM_CAVEAT = ("A chest film shows small, faint (ground-glass) and pleural-based nodules poorly: a film without a "
+               "detected opacity does not exclude them.")
+
+
+def _film_size(v: float | None, u: str) -> str:
+    return f"{_mm(v)} {u}" if v is not None else "unmeasured"
+
+
+def _film_where(f: Finding) -> str:
+    if f.side and f.zone:
+        return f"the {f.side} {f.zone} zone"
+    return f"the {f.side} lung field" if f.side else "the chest (outside the lung fields)"
+
+
+def _film_lesion_sentence(f: Finding, u: str, has_prior: bool) -> str:
+    """One opacity on the film (and its change), every number from the finding."""
+    kind = "mass" if f.kind == "mass" else "rounded opacity"
+    ch = f.change if has_prior else None
+    axes = (f" ({_mm(f.long_axis_mm)} x {_mm(f.short_axis_mm)} {u})"
+            if f.long_axis_mm is not None and f.short_axis_mm is not None else "")
+    if ch is None:
+        return f"{f.id}: {kind} in {_film_where(f)}, {_film_size(f.diameter_mm, u)}{axes}."
+    if ch.status == "resolved":
+        return (f"{f.id}: the {_film_size(ch.prior_diameter_mm, u)} {kind} of the prior film in {_film_where(f)} is "
+                "no longer seen.")
+    if ch.status == "new":
+        return f"{f.id}: new {kind} in {_film_where(f)}, {_film_size(f.diameter_mm, u)}{axes}, not seen on the prior film."
+    verb = {"grew": "increased from", "shrank": "decreased from", "stable": "unchanged from"}[ch.status]
+    return (f"{f.id}: {kind} in {_film_where(f)}, {_film_size(f.diameter_mm, u)}{axes}, {verb} "
+            f"{_film_size(ch.prior_diameter_mm, u)} on the prior film.")
+
+
+def _film_impression_rank(f: Finding) -> tuple[int, float]:
+    changed = 0 if (f.change and f.change.status in ("grew", "new")) else 1
+    return changed, -(f.diameter_mm or 0.0)
+
+
+def _film_draft(current: Study, prior: Study | None, an: Any, lesions: list[Finding], resolved: list[Finding],
+                comparison: dict[str, Any] | None) -> tuple[list[ReportSentence], dict[str, set[str]]]:
+    """The sections of a chest-film report (what was measured on the film and nothing else) and the numbers
+    each section may carry besides its findings'."""
+    from tools.radiograph import CTR_CHANGE_NOISE, MIN_OPACITY_MM, SIDES as FILM_SIDES, ZONES as FILM_ZONES
+
+    sents: list[ReportSentence] = []
+    extra: dict[str, set[str]] = {"*": set(_NUM.findall(current.date_str)), "examination": set(),
+                                  "comparison": set(), "technique": set(), "findings": set(), "impression": set()}
+
+    def add(section: str, text: str, ids: list[str] | None = None) -> None:
+        sents.append(ReportSentence(text=text, finding_ids=list(ids or []), section=section))
+        if not ids:  # a sentence resting on no finding: its numbers are the film's own measurements
+            extra[section] |= set(_NUM.findall(text))
+
+    series = current.primary
+    u = an.units
+    view = str(series.header.get("ViewPosition") or "").strip().upper() or None
+    has_prior = prior is not None and comparison is not None
+    # EXAMINATION / COMPARISON
+    desc = " ".join((current.description or "").split())
+    add("examination", f"Chest radiograph{f' ({desc})' if desc else ''}, {current.date_str}.")
+    if has_prior:
+        assert prior is not None and comparison is not None
+        ivl = comparison.get("interval_days")
+        add("comparison", f"Prior chest film of {prior.date_str}"
+            + (f" ({ivl} days earlier)" if ivl is not None and ivl >= 0 else "")
+            + f"; registered to the current film (2-D affine, lung-field overlap Dice "
+              f"{comparison['registration']['lung_dice_after']:.2f}).")
+    else:
+        add("comparison", "None available.")
+    # TECHNIQUE
+    rows, cols = an.shape
+    sp = (f"pixel spacing {_num(an.spacing_mm[0], 3)} mm" if an.spacing_mm is not None
+          else "no pixel spacing in the header, so sizes are in pixels")
+    add("technique", f"Single frontal film ({view or 'view not recorded'}), {rows} x {cols} pixels, {sp}. Automated "
+                     f"lung fields and zones, cardiothoracic ratio, costophrenic angles and rounded opacities from "
+                     f"{_num(MIN_OPACITY_MM, 1)} mm.")
+    if view == "AP":
+        add("technique", "On an AP film the heart is magnified, so the cardiothoracic ratio overstates its size.")
+    # FINDINGS: the lungs, side by side and zone by zone
+    allf = sorted(lesions + resolved, key=_zone_rank)
+    for side in FILM_SIDES:
+        mine = [f for f in allf if f.side == side]
+        for f in mine:
+            add("findings", _film_lesion_sentence(f, u, has_prior), [f.id])
+        present = [f for f in mine if not (f.change and f.change.status == "resolved")]
+        if f"{side} lung" not in an.boxes:
+            add("findings", f"The {side} lung field was not outlined, so it was not assessed.")
+        elif not present:
+            add("findings", f"No rounded opacity in the {side} lung field.")
+        else:
+            empty = [z for z in FILM_ZONES if z not in {f.zone for f in present}]
+            if empty and None not in {f.zone for f in present}:
+                add("findings", f"No rounded opacity in the {_join(empty)} {'zones' if len(empty) > 1 else 'zone'} "
+                                f"of the {side} lung field.")
+    for f in [f for f in allf if f.side not in FILM_SIDES]:
+        add("findings", _film_lesion_sentence(f, u, has_prior), [f.id])
+    # FINDINGS: heart, pleura
+    g = an.ctr_geometry
+    if an.ctr is not None:
+        hw, tw = (g.get("heart_width_mm"), g.get("thorax_width_mm")) if u == "mm" else (
+            g.get("heart_width_px"), g.get("thorax_width_px"))
+        widths = (f" (heart {float(hw):.0f} over thorax {float(tw):.0f} {u})" if hw is not None and tw is not None
+                  else "")
+        verdict = ("above 0.5: the cardiac silhouette is enlarged" if an.ctr > FILM_CTR_UPPER
+                   else "within normal limits (up to 0.5 on a PA film)")
+        add("findings", f"Cardiothoracic ratio {an.ctr:.2f}{widths}, {verdict}.")
+        cr = (comparison or {}).get("cardiothoracic_ratio") or {}
+        if has_prior and cr.get("prior") is not None and cr.get("change") is not None:
+            d = float(cr["change"])
+            add("findings", f"It measured {float(cr['prior']):.2f} on the prior film ({d:+.2f}"
+                + (f", within what the measurement varies between two films, about {CTR_CHANGE_NOISE:.2f})."
+                   if abs(d) < CTR_CHANGE_NOISE else ")."))
+    else:
+        add("findings", "The cardiothoracic ratio was not measured: the heart borders could not be traced reliably "
+                        "on this film.")
+    for side in FILM_SIDES:
+        cp = an.costophrenic.get(side)
+        if not cp or cp.get("angle_deg") is None:
+            add("findings", f"The {side} costophrenic angle was not assessed.")
+        elif cp.get("blunted"):
+            add("findings", f"The {side} costophrenic angle is blunted ({cp['angle_deg']:.0f} degrees): pleural fluid "
+                            "or thickening may be present.")
+        else:
+            add("findings", f"The {side} costophrenic angle is sharp ({cp['angle_deg']:.0f} degrees).")
+    # IMPRESSION
+    ranked = sorted(lesions, key=_film_impression_rank)
+    top, rest = ranked[:IMPRESSION_TOP], ranked[IMPRESSION_TOP:]
+    for f in top:
+        ch = f.change if has_prior else None
+        kind = "Mass" if f.kind == "mass" else "Rounded opacity"
+        tail = ""
+        if ch is not None and ch.status == "new":
+            tail = ", new since the prior film"
+        elif ch is not None and ch.status in ("grew", "shrank", "stable"):
+            tail = {"grew": ", increased", "shrank": ", decreased", "stable": ", unchanged"}[ch.status] + \
+                f" from {_film_size(ch.prior_diameter_mm, u)}"
+        add("impression", f"{kind} in {_film_where(f)}, {_film_size(f.diameter_mm, u)}{tail} ({f.id}).", [f.id])
+    if rest:
+        add("impression", f"Further {'opacities' if len(rest) > 1 else 'opacity'}: {_join([f.id for f in rest])} "
+                          "(see findings).", [f.id for f in rest])
+    for f in resolved:
+        add("impression", f"The prior film's opacity in {_film_where(f)} is no longer seen ({f.id}).", [f.id])
+    if not lesions:
+        add("impression", f"No rounded opacity of {_num(MIN_OPACITY_MM, 1)} mm or more detected in the lung fields.")
+    if an.ctr is not None and an.ctr > FILM_CTR_UPPER:
+        add("impression", f"Enlarged cardiac silhouette (cardiothoracic ratio {an.ctr:.2f}).")
+    blunt = [sd for sd in FILM_SIDES if (an.costophrenic.get(sd) or {}).get("blunted")]
+    if blunt:
+        add("impression", f"Blunted {_join(blunt)} costophrenic {'angles' if len(blunt) > 1 else 'angle'}.")
+    if lesions:
+        add("impression", FILM_CT_ADVICE)
+    add("impression", FILM_CAVEAT)
+    return sents, extra
+
+
+def _write_film_report(current: Study, prior: Study | None, req: ReportRequest) -> ReportResult:
+    """The structured report of a chest film (vs a prior film): its sections adapted to what a film shows
+    (lung fields by zone, heart size, costophrenic angles), each sentence tied to the findings it rests on
+    and number-checked like a CT report. No Lung-RADS category (it grades CT nodules)."""
+    from tools.radiograph import analyze_radiograph, compare_radiographs, render_radiograph_evidence
+
+    t0 = time.perf_counter()
+    series = current.primary
+    an = analyze_radiograph(series)
+    notes: list[str] = list(an.notes)
+    comparison: dict[str, Any] | None = None
+    evidence: list[Evidence] = []
+    out = Path(req.out_dir) if req.out_dir is not None else None
+    if prior is not None and not prior.primary.is_radiograph:
+        notes.append("The prior is not a chest film: the film report is written without comparison.")
+        prior = None
+    if prior is not None:
+        cmp = compare_radiographs(current, prior, evidence_dir=out)
+        lesions, resolved = _present_and_resolved(cmp.findings, current, series)
+        comparison = cmp.comparison
+        notes += [n for n in cmp.notes if n not in notes]
+        evidence += list(cmp.evidence)
+    else:
+        lesions, resolved = _present_and_resolved(an.opacities, current, series)
+    sentences, extra = _film_draft(current, prior, an, lesions, resolved, comparison)
+    check_numbers(sentences, lesions + resolved, extra_numbers=extra)
+    keep = {FILM_CT_ADVICE, FILM_CAVEAT}
+    if req.rewriter is not None:
+        sentences, stats = rewrite_sentences(sentences, lesions + resolved, extra, req.rewriter, keep=keep)
+        notes.append(f"Wording rewritten by the served model: {stats['accepted']} sentence(s) accepted, "
+                     f"{stats['rejected']} rejected by the number check and kept as written.")
+        check_numbers(sentences, lesions + resolved, extra_numbers=extra)
+    report = Report(sections=_sections(sentences), sentences=sentences, lung_rads=None, title="Chest radiograph report")
+    ids = [f.id for f in lesions + resolved]
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        md, txt = out / "report.md", out / "report.txt"
+        _write_atomic(md, to_markdown(report))
+        _write_atomic(txt, to_text(report))
+        report.files = {"md": str(md), "txt": str(txt)}
+        evidence = [Evidence(kind="file", path=str(md), caption="structured report (Markdown)", finding_ids=ids),
+                    Evidence(kind="file", path=str(txt), caption="structured report (plain text)", finding_ids=ids)] + \
+            evidence
+        if prior is None:
+            evidence += render_radiograph_evidence(series, an, lesions, out)
+        if "sr" in req.formats or "seg" in req.formats:
+            from tools.dicom_export import export_film_sr
+
+            try:
+                ex = export_film_sr(current, lesions, out)
+            except RadAssistError as exc:
+                notes.append(f"DICOM SR not written: {exc}")
+            else:
+                notes += ex.notes
+                if "sr" in ex.paths:
+                    report.files["sr"] = str(ex.paths["sr"])
+                    evidence.append(Evidence(kind="file", path=str(ex.paths["sr"]), finding_ids=ex.exported_ids,
+                                             caption="DICOM Comprehensive SR (TID 1500): the opacities as circles "
+                                                     "on the film"))
+    summary = "Chest film report drafted. IMPRESSION: " + report.sections.get("impression", "")
+    log.info("film report: %d sentences, %d findings, %.1fs", len(sentences), len(ids), time.perf_counter() - t0)
+    return ReportResult(report, lesions + resolved, evidence, summary, notes, extra)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -696,7 +931,7 @@ TITLES = {"examination": "EXAMINATION", "comparison": "COMPARISON", "technique":
 
 
 def to_markdown(r: Report) -> str:
-    out = ["# Chest CT report", "", "_Decision support, not diagnosis: drafted automatically, every sentence "
+    out = [f"# {r.title}", "", "_Decision support, not diagnosis: drafted automatically, every sentence "
            "tied to its findings; to be reviewed by the reading radiologist._", ""]
     for key, title in TITLES.items():
         items = [s for s in r.sentences if s.section == key]
@@ -731,7 +966,8 @@ def to_json(r: Report) -> str:
 _NUM = re.compile(r"(?<![A-Za-z0-9.])(\d+(?:\.\d+)?)")
 _FID = re.compile(r"\b([FR]\d+)\b")
 _ZONE = re.compile(r"\b(upper|middle|lower)\b(?=[\w\s,-]*\bzones?\b)", re.IGNORECASE)
-_NEG = re.compile(r"\bno\s+(?!other\b)(?:[\w-]+\s+){0,3}?(?:nodules?|mass(?:es)?|lesions?)\b", re.IGNORECASE)
+_NEG = re.compile(r"\bno\s+(?!other\b)(?:[\w-]+\s+){0,3}?(?:nodules?|mass(?:es)?|lesions?|opacit(?:y|ies))\b",
+                  re.IGNORECASE)
 
 REWRITE_SECTIONS = ("findings", "impression")  # never send dates or header text out
 

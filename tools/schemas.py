@@ -85,7 +85,8 @@ class ReportSentence(_Model):
 class Report(_Model):
     sections: dict[str, str]
     sentences: list[ReportSentence]
-    lung_rads: str | None = None
+    lung_rads: str | None = None  # chest CT only (Lung-RADS does not grade a film)
+    title: str = "Chest CT report"
     files: dict[str, str] = Field(default_factory=dict)
 
 
