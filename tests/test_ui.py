@@ -252,6 +252,31 @@ def test_upload_imports_and_selects_the_study(served: dict[str, Any], tmp_path: 
     assert final[0][-1]["role"] == "assistant" and not final[0][-1].get("metadata")
 
 
+def test_film_pair_upload_report_and_evidence(served: dict[str, Any], tmp_path: Path) -> None:
+    """Two DX films of one patient dropped into the UI: the newer is selected, the older found as its prior;
+    "write the report" answers with the chest-film report (its impression in the chat), the film comparison's
+    before/after and difference images in the gallery, and the opacities in the findings table."""
+    from gradio_client import handle_file
+
+    from tools.drr import write_drr_patient
+
+    write_drr_patient(tmp_path / "films", 9)
+    client = served["client"]
+    files = [handle_file(str(p)) for p in sorted((tmp_path / "films").rglob("*.dcm"))]
+    out = client.predict(files, [], api_name="/upload")
+    uid = out[0]["value"] if isinstance(out[0], dict) else out[0]
+    rec = served["consultant"].store.get(uid)
+    assert rec is not None and rec.modality == "DX" and "Imported 2 study" in _text(out[2][-1])
+    final = client.submit("write the report", out[2], uid, "auto", api_name="/chat").result(timeout=300)
+    text = _text(final[0][-1])
+    assert "Chest film report drafted" in text and "IMPRESSION" in text, text[:400]
+    assert "increased from" in text  # compared with the prior film found in the store (seed 9's grown nodule)
+    gallery, findings = final[2], final[4]
+    assert gallery and len(gallery) >= 2
+    ids = [row[0] for row in findings["data"]]
+    assert any(i.startswith("F") for i in ids)
+
+
 def test_evidence_panel_from_answer(tmp_path: Path) -> None:
     from PIL import Image
 

@@ -788,12 +788,12 @@ def _film_draft(current: Study, prior: Study | None, an: Any, lesions: list[Find
         if f"{side} lung" not in an.boxes:
             add("findings", f"The {side} lung field was not outlined, so it was not assessed.")
         elif not present:
-            add("findings", f"No rounded opacity in the {side} lung field.")
+            add("findings", f"No rounded opacity detected in the {side} lung field.")
         else:
             empty = [z for z in FILM_ZONES if z not in {f.zone for f in present}]
             if empty and None not in {f.zone for f in present}:
-                add("findings", f"No rounded opacity in the {_join(empty)} {'zones' if len(empty) > 1 else 'zone'} "
-                                f"of the {side} lung field.")
+                zones = f"{_join(empty)} {'zones' if len(empty) > 1 else 'zone'}"
+                add("findings", f"No rounded opacity detected in the {zones} of the {side} lung field.")
     for f in [f for f in allf if f.side not in FILM_SIDES]:
         add("findings", _film_lesion_sentence(f, u, has_prior), [f.id])
     # FINDINGS: heart, pleura
