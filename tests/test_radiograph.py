@@ -377,8 +377,12 @@ def test_film_report_with_comparison(drr_patient: dict[str, Any], tmp_path: Path
     assert len(said) == 1 and "increased from" in said[0].text and f.side in said[0].text
     assert any(fid in x.finding_ids for x in r.sentences if x.section == "impression")
     an = analyze_radiograph(drr_patient["current"].primary)
-    if an.ctr is not None:
-        assert f"Cardiothoracic ratio {an.ctr:.2f}" in r.sections["findings"]
+    assert an.ctr is not None and f"Cardiothoracic ratio {an.ctr:.2f}" in r.sections["findings"]
+    # the film's own measurements are the only other numbers a sentence may state
+    ctr_sentence = next(x for x in r.sentences if x.text.startswith("Cardiothoracic ratio"))
+    with pytest.raises(Exception, match="do not come from"):
+        check_numbers([ctr_sentence.model_copy(update={"text": ctr_sentence.text.replace(f"{an.ctr:.2f}", "0.97")})],
+                      res.findings, res.allowed_numbers)
     assert Path(r.files["md"]).read_text().startswith("# Chest radiograph report")
     check_numbers(r.sentences, res.findings, res.allowed_numbers)
     # back to the PACS: a TID 1500 SR with each present opacity as a circle on the film, tracked by its id
@@ -439,8 +443,9 @@ def test_verifier_perturbs_the_film(drr_patient: dict[str, Any]) -> None:
             col, row = box[0] + fx * (box[2] - box[0]), box[1] + fy * (box[3] - box[1])
             r_w, c_w = int(row / f), int(col / f)
             if an.fields[r_w, c_w] and measure_at_px(s, col, row, an, search_mm=6.0) is None:
-                fake = {"id": "X1", "bbox_px": [col - d_px / 2, row - d_px / 2, col + d_px / 2, row + d_px / 2],
-                        "diameter_mm": real["diameter_mm"], "units": "mm", "confidence": None}
+                fake = {"id": "X1", "kind": "nodule", "units": "mm", "confidence": None,
+                        "bbox_px": [col - d_px / 2, row - d_px / 2, col + d_px / 2, row + d_px / 2],
+                        "diameter_mm": real["diameter_mm"]}
                 break
         if fake:
             break

@@ -727,7 +727,8 @@ def _film_lesion_sentence(f: Finding, u: str, has_prior: bool) -> str:
         return (f"{f.id}: the {_film_size(ch.prior_diameter_mm, u)} {kind} of the prior film in {_film_where(f)} is "
                 "no longer seen.")
     if ch.status == "new":
-        return f"{f.id}: new {kind} in {_film_where(f)}, {_film_size(f.diameter_mm, u)}{axes}, not seen on the prior film."
+        return (f"{f.id}: new {kind} in {_film_where(f)}, {_film_size(f.diameter_mm, u)}{axes}, not seen on the "
+                "prior film.")
     verb = {"grew": "increased from", "shrank": "decreased from", "stable": "unchanged from"}[ch.status]
     return (f"{f.id}: {kind} in {_film_where(f)}, {_film_size(f.diameter_mm, u)}{axes}, {verb} "
             f"{_film_size(ch.prior_diameter_mm, u)} on the prior film.")
@@ -748,10 +749,12 @@ def _film_draft(current: Study, prior: Study | None, an: Any, lesions: list[Find
     extra: dict[str, set[str]] = {"*": set(_NUM.findall(current.date_str)), "examination": set(),
                                   "comparison": set(), "technique": set(), "findings": set(), "impression": set()}
 
-    def add(section: str, text: str, ids: list[str] | None = None) -> None:
+    def add(section: str, text: str, ids: list[str] | None = None, measured: tuple[str, ...] = ()) -> None:
+        """One sentence; ``measured``: the film's own measurements it states (as written), the only numbers
+        besides its findings' that the number check lets through."""
         sents.append(ReportSentence(text=text, finding_ids=list(ids or []), section=section))
-        if not ids:  # a sentence resting on no finding: its numbers are the film's own measurements
-            extra[section] |= set(_NUM.findall(text))
+        for m in measured:
+            extra[section] |= set(_NUM.findall(m))
 
     series = current.primary
     u = an.units
@@ -759,23 +762,25 @@ def _film_draft(current: Study, prior: Study | None, an: Any, lesions: list[Find
     has_prior = prior is not None and comparison is not None
     # EXAMINATION / COMPARISON
     desc = " ".join((current.description or "").split())
-    add("examination", f"Chest radiograph{f' ({desc})' if desc else ''}, {current.date_str}.")
+    add("examination", f"Chest radiograph{f' ({desc})' if desc else ''}, {current.date_str}.", measured=(desc,))
     if has_prior:
         assert prior is not None and comparison is not None
         ivl = comparison.get("interval_days")
-        add("comparison", f"Prior chest film of {prior.date_str}"
-            + (f" ({ivl} days earlier)" if ivl is not None and ivl >= 0 else "")
-            + f"; registered to the current film (2-D affine, lung-field overlap Dice "
-              f"{comparison['registration']['lung_dice_after']:.2f}).")
+        days = str(ivl) if ivl is not None and ivl >= 0 else None
+        dice = f"{comparison['registration']['lung_dice_after']:.2f}"
+        add("comparison", f"Prior chest film of {prior.date_str}" + (f" ({days} days earlier)" if days else "")
+            + f"; registered to the current film (2-D affine, lung-field overlap Dice {dice}).",
+            measured=(prior.date_str, days or "", dice, "2"))
     else:
         add("comparison", "None available.")
     # TECHNIQUE
     rows, cols = an.shape
-    sp = (f"pixel spacing {_num(an.spacing_mm[0], 3)} mm" if an.spacing_mm is not None
-          else "no pixel spacing in the header, so sizes are in pixels")
+    spacing = _num(an.spacing_mm[0], 3) if an.spacing_mm is not None else None
+    sp = f"pixel spacing {spacing} mm" if spacing else "no pixel spacing in the header, so sizes are in pixels"
+    min_mm = _num(MIN_OPACITY_MM, 1) or ""
     add("technique", f"Single frontal film ({view or 'view not recorded'}), {rows} x {cols} pixels, {sp}. Automated "
                      f"lung fields and zones, cardiothoracic ratio, costophrenic angles and rounded opacities from "
-                     f"{_num(MIN_OPACITY_MM, 1)} mm.")
+                     f"{min_mm} mm.", measured=(str(rows), str(cols), spacing or "", min_mm))
     if view == "AP":
         add("technique", "On an AP film the heart is magnified, so the cardiothoracic ratio overstates its size.")
     # FINDINGS: the lungs, side by side and zone by zone
@@ -801,17 +806,20 @@ def _film_draft(current: Study, prior: Study | None, an: Any, lesions: list[Find
     if an.ctr is not None:
         hw, tw = (g.get("heart_width_mm"), g.get("thorax_width_mm")) if u == "mm" else (
             g.get("heart_width_px"), g.get("thorax_width_px"))
-        widths = (f" (heart {float(hw):.0f} over thorax {float(tw):.0f} {u})" if hw is not None and tw is not None
-                  else "")
-        verdict = ("above 0.5: the cardiac silhouette is enlarged" if an.ctr > FILM_CTR_UPPER
-                   else "within normal limits (up to 0.5 on a PA film)")
-        add("findings", f"Cardiothoracic ratio {an.ctr:.2f}{widths}, {verdict}.")
+        hw_s, tw_s = (f"{float(hw):.0f}", f"{float(tw):.0f}") if hw is not None and tw is not None else ("", "")
+        widths = f" (heart {hw_s} over thorax {tw_s} {u})" if hw_s else ""
+        upper = f"{FILM_CTR_UPPER:g}"
+        verdict = (f"above {upper}: the cardiac silhouette is enlarged" if an.ctr > FILM_CTR_UPPER
+                   else f"within normal limits (up to {upper} on a PA film)")
+        ctr_s = f"{an.ctr:.2f}"
+        add("findings", f"Cardiothoracic ratio {ctr_s}{widths}, {verdict}.", measured=(ctr_s, hw_s, tw_s, upper))
         cr = (comparison or {}).get("cardiothoracic_ratio") or {}
         if has_prior and cr.get("prior") is not None and cr.get("change") is not None:
             d = float(cr["change"])
-            add("findings", f"It measured {float(cr['prior']):.2f} on the prior film ({d:+.2f}"
-                + (f", within what the measurement varies between two films, about {CTR_CHANGE_NOISE:.2f})."
-                   if abs(d) < CTR_CHANGE_NOISE else ")."))
+            prior_s, d_s, noise_s = f"{float(cr['prior']):.2f}", f"{d:+.2f}", f"{CTR_CHANGE_NOISE:.2f}"
+            add("findings", f"It measured {prior_s} on the prior film ({d_s}"
+                + (f", within what the measurement varies between two films, about {noise_s})."
+                   if abs(d) < CTR_CHANGE_NOISE else ")."), measured=(prior_s, d_s, noise_s))
     else:
         add("findings", "The cardiothoracic ratio was not measured: the heart borders could not be traced reliably "
                         "on this film.")
@@ -819,11 +827,11 @@ def _film_draft(current: Study, prior: Study | None, an: Any, lesions: list[Find
         cp = an.costophrenic.get(side)
         if not cp or cp.get("angle_deg") is None:
             add("findings", f"The {side} costophrenic angle was not assessed.")
-        elif cp.get("blunted"):
-            add("findings", f"The {side} costophrenic angle is blunted ({cp['angle_deg']:.0f} degrees): pleural fluid "
-                            "or thickening may be present.")
         else:
-            add("findings", f"The {side} costophrenic angle is sharp ({cp['angle_deg']:.0f} degrees).")
+            ang = f"{cp['angle_deg']:.0f}"
+            add("findings", f"The {side} costophrenic angle is blunted ({ang} degrees): pleural fluid or thickening "
+                            "may be present." if cp.get("blunted") else
+                f"The {side} costophrenic angle is sharp ({ang} degrees).", measured=(ang,))
     # IMPRESSION
     ranked = sorted(lesions, key=_film_impression_rank)
     top, rest = ranked[:IMPRESSION_TOP], ranked[IMPRESSION_TOP:]
@@ -843,9 +851,10 @@ def _film_draft(current: Study, prior: Study | None, an: Any, lesions: list[Find
     for f in resolved:
         add("impression", f"The prior film's opacity in {_film_where(f)} is no longer seen ({f.id}).", [f.id])
     if not lesions:
-        add("impression", f"No rounded opacity of {_num(MIN_OPACITY_MM, 1)} mm or more detected in the lung fields.")
+        add("impression", f"No rounded opacity of {min_mm} mm or more detected in the lung fields.", measured=(min_mm,))
     if an.ctr is not None and an.ctr > FILM_CTR_UPPER:
-        add("impression", f"Enlarged cardiac silhouette (cardiothoracic ratio {an.ctr:.2f}).")
+        add("impression", f"Enlarged cardiac silhouette (cardiothoracic ratio {an.ctr:.2f}).",
+            measured=(f"{an.ctr:.2f}",))
     blunt = [sd for sd in FILM_SIDES if (an.costophrenic.get(sd) or {}).get("blunted")]
     if blunt:
         add("impression", f"Blunted {_join(blunt)} costophrenic {'angles' if len(blunt) > 1 else 'angle'}.")

@@ -640,8 +640,8 @@ def film_units(series: Series, an: Any, findings: list[dict[str, Any]], max_find
     """Answer units of a chest-film answer: each reported opacity (largest first, at most ``max_findings``)
     re-measured on perturbed films, with its P(correct) (``FILM_WEIGHTS``)."""
     out: list[Unit] = []
-    lesions = sorted((f for f in findings if f.get("bbox_px") and not ((f.get("change") or {}).get("status") ==
-                                                                         "resolved")),
+    lesions = sorted((f for f in findings if f.get("bbox_px") and f.get("kind") in ("nodule", "mass", "opacity")
+                      and (f.get("change") or {}).get("status") != "resolved"),
                      key=lambda f: -(f.get("diameter_mm") or 0.0))[:max_findings]
     for f in lesions:
         r = film_remeasure(series, an, f, seed=stable_seed(f["id"], f.get("bbox_px")))
@@ -838,13 +838,13 @@ def caveat_for(u: Unit) -> str:
             return (f"{at} was re-found in only {rm.get('found', 0)}/{rm.get('n', 0)} perturbed re-measurements: "
                     "check on the images that it is a nodule and not a vessel, the pleura or noise.")
         if u.features["conf_mean"] < 0.5:
-            return (f"{at} was re-found in {rm.get('found', 0)}/{rm.get('n', 0)} perturbed re-measurements but looks "
-                    f"only in part like a nodule (plausibility {u.features['conf_mean']:.2f}): check on the images that "
-                    "it is a nodule and not a vessel, a rib crossing or the pleura.")
+            return (f"{at} was re-found in {rm.get('found', 0)}/{rm.get('n', 0)} perturbed re-measurements but "
+                    f"looks only in part like a nodule (plausibility {u.features['conf_mean']:.2f}): check on the "
+                    "images that it is a nodule and not a vessel, a rib crossing or the pleura.")
         un = rm.get("units", "mm")
-        return (f"{u.key}'s size is uncertain (re-measured {rm.get('mean_mm', 0):.1f} ± {rm.get('spread_mm', 0):.1f} {un} "
-                f"against {i.get('diameter_mm') or 0:.1f} {un} reported): measure it by hand before using it for "
-                "follow-up.")
+        return (f"{u.key}'s size is uncertain (re-measured {rm.get('mean_mm', 0):.1f} ± {rm.get('spread_mm', 0):.1f} "
+                f"{un} against {i.get('diameter_mm') or 0:.1f} {un} reported): measure it by hand before using it "
+                "for follow-up.")
     if u.kind == "region":
         return _region_caveat(u, where)
     st = i.get("status")
