@@ -475,3 +475,25 @@ def test_film_report_from_a_png(drr_patient: dict[str, Any], tmp_path: Path) -> 
     assert set(res.report.files) == {"md", "txt"}
     assert any("PNG/JPEG" in n and "SR" in n for n in res.notes), res.notes
     assert "sizes are in pixels" in res.report.sections["technique"]
+
+
+def test_film_report_rewrites_are_number_checked(drr_patient: dict[str, Any]) -> None:
+    """The served rewriter may reword a film report's findings and impression, never its numbers: a rewrite
+    that changes the cardiothoracic ratio is rejected and the checked sentence kept; the CT advice and the
+    film caveat are quotations and are never sent."""
+    from tools.report_writer import FILM_CAVEAT, ReportRequest, write_report
+
+    an = analyze_radiograph(drr_patient["current"].primary)
+    assert an.ctr is not None
+    sent: list[str] = []
+
+    def rewrite(text: str) -> str:
+        sent.append(text)
+        return text.replace(f"{an.ctr:.2f}", "0.97").replace("rounded opacity", "round opacity")
+
+    res = write_report(drr_patient["current"], None, ReportRequest(rewriter=rewrite))
+    assert FILM_CAVEAT not in sent and any("round opacity" in x.text for x in res.report.sentences)
+    assert f"Cardiothoracic ratio {an.ctr:.2f}" in res.report.sections["findings"]
+    assert "0.97" not in " ".join(res.report.sections.values())
+    assert any("rejected by the number check" in n and not n.startswith("Wording rewritten by the served model: 0 ")
+               for n in res.notes)
