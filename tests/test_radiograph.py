@@ -154,6 +154,9 @@ def test_compare_drr_pair_grown_nodule(drr_patient: dict[str, Any], tmp_path: Pa
     assert abs(f.diameter_mm - f.change.prior_diameter_mm - (f.change.diameter_change_mm or 0.0)) < 0.11
     roles = {e.role for e in res.evidence}
     assert {"before-after", "subtraction"} <= roles
+    # a film's "new" says what a film cannot rule out
+    new = [x for x in res.findings if x.change and x.change.status == "new"]
+    assert new and all(any("may have been there, smaller" in n for n in x.notes) for x in new)
 
 
 def test_different_patients_refused(drr_patient: dict[str, Any], rg1: Any) -> None:

@@ -1836,6 +1836,8 @@ def compare_radiographs(current_study: Study, prior_study: Study, regions: list[
     for c, p in pairs:
         if p is None:
             c.change = Change(status="new", interval_days=interval)
+            c.notes.append("not seen on the prior film; a small or faint nodule often does not show on a film, so "
+                           "it may have been there, smaller (a prior CT would tell)")
         else:
             pm = _paired_remeasure(cs, ps, ca, pa, c, p) if units == "mm" else None
             if pm is not None:
