@@ -348,10 +348,11 @@ def _conspicuity(img: np.ndarray, fields: np.ndarray, signals: dict[str, tuple[n
         win = yy * yy + xx * xx <= (2.0 * rad) ** 2
         full = np.zeros(yy.shape)
         ir, ic = int(round(cr)), int(round(cc))
-        for (a, b), v in np.ndenumerate(sig):
-            ra, cb = r0 + a - ir + n, c0 + b - ic + n
-            if 0 <= ra < full.shape[0] and 0 <= cb < full.shape[1]:
-                full[ra, cb] = v
+        ra, cb = r0 - ir + n, c0 - ic + n  # the patch's corner in the template's frame
+        a0, b0 = max(0, -ra), max(0, -cb)
+        a1, b1 = min(sig.shape[0], full.shape[0] - ra), min(sig.shape[1], full.shape[1] - cb)
+        if a1 > a0 and b1 > b0:
+            full[ra + a0:ra + a1, cb + b0:cb + b1] = sig[a0:a1, b0:b1]
         x = np.stack([np.ones(int(win.sum())), yy[win], xx[win]], axis=1)
         coef, *_ = np.linalg.lstsq(x, full[win], rcond=None)
         tpl = np.where(win, full - (coef[0] + coef[1] * yy + coef[2] * xx), 0.0)

@@ -743,7 +743,7 @@ def _film_draft(current: Study, prior: Study | None, an: Any, lesions: list[Find
                 comparison: dict[str, Any] | None) -> tuple[list[ReportSentence], dict[str, set[str]]]:
     """The sections of a chest-film report (what was measured on the film and nothing else) and the numbers
     each section may carry besides its findings'."""
-    from tools.radiograph import CTR_CHANGE_NOISE, MIN_OPACITY_MM, SIDES as FILM_SIDES, ZONES as FILM_ZONES
+    from tools.radiograph import CTR_CHANGE_NOISE, MIN_OPACITY_MM
 
     sents: list[ReportSentence] = []
     extra: dict[str, set[str]] = {"*": set(_NUM.findall(current.date_str)), "examination": set(),
@@ -785,7 +785,7 @@ def _film_draft(current: Study, prior: Study | None, an: Any, lesions: list[Find
         add("technique", "On an AP film the heart is magnified, so the cardiothoracic ratio overstates its size.")
     # FINDINGS: the lungs, side by side and zone by zone
     allf = sorted(lesions + resolved, key=_zone_rank)
-    for side in FILM_SIDES:
+    for side in SIDES:
         mine = [f for f in allf if f.side == side]
         for f in mine:
             add("findings", _film_lesion_sentence(f, u, has_prior), [f.id])
@@ -795,11 +795,11 @@ def _film_draft(current: Study, prior: Study | None, an: Any, lesions: list[Find
         elif not present:
             add("findings", f"No rounded opacity detected in the {side} lung field.")
         else:
-            empty = [z for z in FILM_ZONES if z not in {f.zone for f in present}]
+            empty = [z for z in ZONES if z not in {f.zone for f in present}]
             if empty and None not in {f.zone for f in present}:
                 zones = f"{_join(empty)} {'zones' if len(empty) > 1 else 'zone'}"
                 add("findings", f"No rounded opacity detected in the {zones} of the {side} lung field.")
-    for f in [f for f in allf if f.side not in FILM_SIDES]:
+    for f in [f for f in allf if f.side not in SIDES]:
         add("findings", _film_lesion_sentence(f, u, has_prior), [f.id])
     # FINDINGS: heart, pleura
     g = an.ctr_geometry
@@ -823,7 +823,7 @@ def _film_draft(current: Study, prior: Study | None, an: Any, lesions: list[Find
     else:
         add("findings", "The cardiothoracic ratio was not measured: the heart borders could not be traced reliably "
                         "on this film.")
-    for side in FILM_SIDES:
+    for side in SIDES:
         cp = an.costophrenic.get(side)
         if not cp or cp.get("angle_deg") is None:
             add("findings", f"The {side} costophrenic angle was not assessed.")
@@ -855,7 +855,7 @@ def _film_draft(current: Study, prior: Study | None, an: Any, lesions: list[Find
     if an.ctr is not None and an.ctr > FILM_CTR_UPPER:
         add("impression", f"Enlarged cardiac silhouette (cardiothoracic ratio {an.ctr:.2f}).",
             measured=(f"{an.ctr:.2f}",))
-    blunt = [sd for sd in FILM_SIDES if (an.costophrenic.get(sd) or {}).get("blunted")]
+    blunt = [sd for sd in SIDES if (an.costophrenic.get(sd) or {}).get("blunted")]
     if blunt:
         add("impression", f"Blunted {_join(blunt)} costophrenic {'angles' if len(blunt) > 1 else 'angle'}.")
     if lesions:

@@ -588,14 +588,10 @@ FILM_BIAS = -1.729
 FILM_CALIBRATION_NOTE = "film weights fitted on DRR seeds 20-29 and 40-79"
 
 
-def film_finding_features(f: dict[str, Any], r: Remeasure) -> dict[str, float]:
-    """A film opacity's reliability inputs: re-found on the perturbed films, their plausibility and box
-    overlap, the diameter's spread relative to its size, and the detector's own score."""
-    d = max(float(f.get("diameter_mm") or 0.0), 1e-6)  # film units (mm, or px without pixel spacing)
-    return {"refound": r.found_frac, "conf_mean": r.conf_mean,
-            "iou": float(np.mean(r.ious)) if r.ious else 0.0,
-            "spread_rel": min(r.spread_mm / d, 1.0) if r.diameters else 1.0,
-            "det_conf": float(f.get("confidence") if f.get("confidence") is not None else 0.2)}
+def film_finding_features(r: Remeasure) -> dict[str, float]:
+    """A film opacity's reliability inputs (``FILM_WEIGHTS``): the share re-found on the perturbed films and
+    their mean plausibility (box overlap and diameter spread stay in the re-measurement's record)."""
+    return {"refound": r.found_frac, "conf_mean": r.conf_mean}
 
 
 def film_probability(feats: dict[str, float]) -> float:
@@ -645,7 +641,7 @@ def film_units(series: Series, an: Any, findings: list[dict[str, Any]], max_find
                      key=lambda f: -(f.get("diameter_mm") or 0.0))[:max_findings]
     for f in lesions:
         r = film_remeasure(series, an, f, seed=stable_seed(f["id"], f.get("bbox_px")))
-        feats = film_finding_features(f, r)
+        feats = film_finding_features(r)
         u = Unit("finding", f["id"], feats, info={"remeasure": {**r.to_dict(), "units": f.get("units", "mm")},
                                                   "region": f.get("region"), "diameter_mm": f.get("diameter_mm"),
                                                   "film": True})
